@@ -1,0 +1,201 @@
+"""``robucap demo --out DIR``: the main job on the embedded default (shapes data, tiny ViT-GPT2, CPU).
+
+The demo is a list of stages sharing one :class:`DemoContext`. Each stage adds keys to ``ctx.results`` and sections
+to ``ctx.report``; later capabilities (studies) plug in with :func:`register_stage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from datamodules.datamodule import CaptionDataModule
+from datamodules.shapes import ShapesConfig, generate_shapes, shapes_ready
+from lightning_app.report import Report
+from lightning_app.training import TrainedCaptioner, read_metrics, train_captioner
+from modules.captioning import CaptioningModule
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # The quick profile keeps `make demo` (installation included) under 10 minutes on 2 CPU cores.
+    "quick": {"epochs": 3, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100},
+    "full": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "warmup_steps": 200},
+}
+
+
+@dataclass
+class DemoContext:
+    """State shared by demo stages.
+
+    Attributes:
+        out: Output directory (``results.json``, ``report.html``, logs, checkpoints).
+        data_root: Where the shapes data lives (created if missing).
+        profile: ``quick`` or ``full``.
+        seed: Global seed.
+        wandb: Log runs to W&B (offline without an API key).
+        results: The future ``results.json``.
+        report: The future ``report.html``.
+        state: Objects stages hand to later stages (the data module, the baseline...).
+    """
+
+    out: Path
+    data_root: Path
+    profile: str = "quick"
+    seed: int = 0
+    wandb: bool = True
+    results: dict[str, Any] = field(default_factory=dict)
+    report: Report = field(default_factory=lambda: Report("robucap demo"))
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The profile's settings."""
+        return PROFILES[self.profile]
+
+
+DemoStage = Callable[[DemoContext], None]
+STAGES: list[tuple[str, DemoStage]] = []
+
+
+def register_stage(name: str, stage: DemoStage) -> None:
+    """Append a stage to the demo (stages run in registration order)."""
+    STAGES[:] = [(n, s) for n, s in STAGES if n != name] + [(name, stage)]
+
+
+def stage_data(ctx: DemoContext) -> None:
+    """Create the shapes data if missing and set up the data module."""
+    config = ShapesConfig(seed=ctx.seed)
+    if not shapes_ready(ctx.data_root, config):
+        print(f"[demo] writing the shapes dataset to {ctx.data_root}")
+        generate_shapes(ctx.data_root, config, progress=True)
+    datamodule = CaptionDataModule(
+        format="coco", root=str(ctx.data_root), image_size=config.image_size, batch_size=ctx.settings["batch_size"]
+    )
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    ctx.state["datamodule"] = datamodule
+    ctx.results["dataset"] = {**datamodule.describe(), "name": "shapes", "seed": ctx.seed}
+
+
+def stage_baseline(ctx: DemoContext) -> None:
+    """Train, test and report the tiny ViT-GPT2 baseline."""
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    s = ctx.settings
+    L.seed_everything(ctx.seed, workers=True)
+    module = CaptioningModule.with_tokenizer(
+        datamodule.tokenizer,
+        preset="tiny",
+        image_size=datamodule.image_size,
+        lr=s["lr"],
+        warmup_steps=s["warmup_steps"],
+    )
+    print(f"[demo] training the tiny ViT-GPT2 baseline for {s['epochs']} epochs")
+    run = train_captioner(datamodule, module, ctx.out, "baseline", max_epochs=s["epochs"], wandb=ctx.wandb)
+    ctx.state["baseline"] = run
+    ctx.results["baseline"] = {
+        "test": {k: run.test[k] for k in sorted(run.test)},
+        "val": {k: v for k, v in sorted(run.val.items()) if k.startswith("bleu")},
+        "train_seconds": round(run.train_seconds, 1),
+        "checkpoint": str(run.checkpoint),
+        "epochs": s["epochs"],
+        "model": "vit_gpt2/tiny",
+        "trainable_params": sum(p.numel() for p in run.module.parameters() if p.requires_grad),
+    }
+    _report_baseline(ctx, run, datamodule)
+
+
+def _report_baseline(ctx: DemoContext, run: TrainedCaptioner, datamodule: CaptionDataModule) -> None:
+    from callbacks.image_grid import caption_grid_png
+
+    report = ctx.report
+    report.heading("Baseline: tiny ViT-GPT2 on shapes")
+    ds = ctx.results["dataset"]
+    report.paragraph(
+        f"Shapes data at {ds['root']}: {ds['splits']} images at {ds['image_size']} px. "
+        f"Trained {ctx.results['baseline']['epochs']} epochs in {run.train_seconds:.0f} s; "
+        f"checkpoint {run.checkpoint}."
+    )
+    keys = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"]
+    report.table(["split", *keys], [["test (pycocoevalcap)", *[run.test.get(k, float("nan")) for k in keys]]])
+    report.paragraph("METEOR is absent when Java is not installed. SPICE is not computed.", note=True)
+    report.image(training_curves_png(read_metrics(run.metrics_csv)), "training curves")
+    records = run.module.test_results.get("predictions") or []
+    dataset = datamodule.datasets["test"]
+    position = {r.image_id: i for i, r in enumerate(dataset.store.records)}
+    shown = [r for r in records if r["image_id"] in position][:12]
+    if shown:
+        images = [dataset.store.image(position[r["image_id"]]) for r in shown]
+        captions = [f"{r['prediction']}\n(ref: {r['references'][0]})" for r in shown]
+        report.image(caption_grid_png(images, captions, columns=4), "test images with generated captions")
+
+
+def training_curves_png(rows: list[dict[str, float]]) -> bytes:
+    """Training loss per step and validation BLEU-4 / loss per epoch, as a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["epoch"], r["val/bleu4"], r.get("val/loss")) for r in rows if "val/bleu4" in r]
+    if train:
+        axes[0].plot(*zip(*train, strict=True), lw=1)
+    axes[0].set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    if val:
+        epochs = [v[0] + 1 for v in val]
+        axes[1].plot(epochs, [v[1] for v in val], marker="o", label="val BLEU-4")
+        axes[1].set(title="validation", xlabel="epoch", ylim=(0, 1))
+        axes[1].legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+register_stage("data", stage_data)
+register_stage("baseline", stage_baseline)
+
+
+def run_demo(out: Path, data_root: Path, profile: str = "quick", seed: int = 0, wandb: bool = True) -> DemoContext:
+    """Run every registered stage, then write ``results.json`` and ``report.html`` into ``out``."""
+    ctx = DemoContext(out=Path(out), data_root=Path(data_root), profile=profile, seed=seed, wandb=wandb)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for name, stage in STAGES:
+        print(f"[demo] stage {name}")
+        stage(ctx)
+    ctx.results["profile"] = profile
+    ctx.results["seconds"] = round(time.perf_counter() - start, 1)
+    ctx.results["report"] = str(ctx.out / "report.html")
+    (ctx.out / "results.json").write_text(json.dumps(ctx.results, indent=2, sort_keys=True), encoding="utf-8")
+    ctx.report.write(ctx.out / "report.html")
+    return ctx
+
+
+def demo_main(argv: list[str]) -> int:
+    """``robucap demo`` argument parsing."""
+    parser = argparse.ArgumentParser(prog="robucap demo", description="Train, test and report on the shapes data.")
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--data", default="data/shapes", help="shapes data directory, created if missing")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
+    args = parser.parse_args(argv)
+    ctx = run_demo(Path(args.out), Path(args.data), args.profile, args.seed, wandb=not args.no_wandb)
+    test = ctx.results.get("baseline", {}).get("test", {})
+    bleu4, cider = test.get("bleu4", float("nan")), test.get("cider", float("nan"))
+    print(
+        f"robucap demo done in {ctx.results['seconds']:.0f} s: baseline test BLEU-4 {bleu4:.3f}, CIDEr {cider:.3f}; "
+        f"report: {ctx.out / 'report.html'}"
+    )
+    return 0

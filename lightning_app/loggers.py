@@ -1,0 +1,47 @@
+"""Default loggers: Weights & Biases (offline without an API key) next to a CSV logger."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def wandb_offline_default() -> bool:
+    """Offline unless an API key is configured, so `wandb sync` can upload the run later."""
+    if os.environ.get("WANDB_MODE", "").lower() in {"offline", "disabled", "dryrun"}:
+        return True
+    return not os.environ.get("WANDB_API_KEY")
+
+
+class RobucapWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` that goes offline by itself when no ``WANDB_API_KEY`` is set.
+
+    Args:
+        project: W&B project name.
+        save_dir: Directory for the local run files (``<save_dir>/wandb/offline-run-*`` when offline).
+        name: Run name.
+        offline: ``None`` decides from the environment (see :func:`wandb_offline_default`).
+        log_model: Upload checkpoints as W&B artifacts (off by default: checkpoints stay on disk).
+        **kwargs: Passed to ``WandbLogger`` / ``wandb.init``.
+    """
+
+    def __init__(
+        self,
+        project: str = "robucap",
+        save_dir: str = "runs",
+        name: str | None = None,
+        offline: bool | None = None,
+        log_model: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(
+            project=project,
+            save_dir=save_dir,
+            name=name,
+            offline=wandb_offline_default() if offline is None else offline,
+            log_model=log_model,
+            **kwargs,
+        )

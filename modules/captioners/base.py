@@ -1,0 +1,110 @@
+"""The captioner interface that training, freezing, attacks and metrics rely on (DESIGN.md, "Captioner contract")."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.tokenizer import VocabInfo
+
+
+@dataclass
+class CaptionerOutput:
+    """Teacher-forced result.
+
+    Attributes:
+        logits: Next-token logits. Shape: ``(B, T, V)``.
+        loss: Mean cross-entropy over the non-padding label positions (scalar).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of teacher-forced logits against labels (padding = -100).
+
+    Args:
+        logits: Shape: ``(B, T, V)``.
+        labels: Shape: ``(B, T)``, -100 where padded.
+        reduction: ``"mean"`` over all label tokens of the batch, or ``"none"`` for one mean per caption ``(B,)``
+            (what per-image attacks need), or ``"sum"``.
+
+    Returns:
+        The loss, a scalar or shape ``(B,)``.
+    """
+    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    mask = labels.ne(-100)
+    if reduction == "none":
+        return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+    if reduction == "sum":
+        return (token_loss * mask).sum()
+    return (token_loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+class ImageNormalize(nn.Module):
+    """Maps [0, 1] pixels to the network's input statistics, so attacks can stay in pixel space.
+
+    Shape:
+        ``(B, 3, H, W)`` in, same shape out.
+    """
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return (pixel_values - self.mean.to(pixel_values.dtype)) / self.std.to(pixel_values.dtype)
+
+
+class Captioner(nn.Module, ABC):
+    """An image captioner on [0, 1] images with two named parts.
+
+    Subclasses own their normalisation and expose ``encoder`` (vision) and ``decoder`` (language model, including
+    cross-attention and any encoder-to-decoder projection). Everything outside ``modules/captioners`` uses only
+    this interface.
+
+    Attributes:
+        image_size: Side of the square input images in pixels.
+        vocab: Token ids of the tokenizer the captioner was built for.
+    """
+
+    image_size: int
+    vocab: VocabInfo
+
+    @property
+    @abstractmethod
+    def encoder(self) -> nn.Module:
+        """The vision part."""
+
+    @property
+    @abstractmethod
+    def decoder(self) -> nn.Module:
+        """The language part, including cross-attention and any encoder-to-decoder projection."""
+
+    @abstractmethod
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> CaptionerOutput:
+        """Teacher-forced logits and loss.
+
+        Args:
+            pixel_values: Shape: ``(B, 3, H, W)`` in [0, 1].
+            labels: Shape: ``(B, T)``: caption tokens followed by EOS, -100 on padding.
+        """
+
+    @abstractmethod
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> torch.Tensor:
+        """Greedy (``num_beams=1``) or beam-search captions.
+
+        Args:
+            pixel_values: Shape: ``(B, 3, H, W)`` in [0, 1].
+            max_new_tokens: Longest caption in tokens, EOS included.
+            num_beams: Beam width.
+
+        Returns:
+            Token ids without the start token, padded with ``vocab.pad_token_id`` after EOS. Shape: ``(B, T)``.
+        """

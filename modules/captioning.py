@@ -1,0 +1,237 @@
+"""The LightningModule that trains and evaluates any :class:`~modules.captioners.Captioner`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedTokenizerFast
+
+from datamodules.errors import RobucapError
+from datamodules.tokenizer import VocabInfo, tokenizer_from_state, tokenizer_to_state
+from modules.captioners import Captioner, build_captioner
+from modules.metrics import CaptionBLEU, coco_caption_scores, gather_unique
+from modules.schedules import SCHEDULES
+
+TOKENIZER_KEY = "robucap_tokenizer"
+
+
+class CaptioningModule(L.LightningModule):
+    """Teacher-forced training, generation-based evaluation.
+
+    The captioner is built in :meth:`configure_model`, once the tokenizer is known (from the data module, or from
+    the checkpoint being loaded, which carries its tokenizer as plain JSON).
+
+    Args:
+        arch: Captioner architecture (``vit_gpt2``).
+        preset: ``tiny``, ``base`` or ``pretrained``.
+        image_size: Input side in pixels; the CLI links it to ``data.image_size``.
+        pretrained_dir: Full VisionEncoderDecoder directory for ``preset: pretrained``.
+        encoder_dir: ViT directory for ``preset: pretrained`` (with ``decoder_dir``).
+        decoder_dir: GPT-2 directory for ``preset: pretrained`` (with ``encoder_dir``).
+        overrides: Config fields changed in a random-init preset, ``{"encoder": {...}, "decoder": {...}}``.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps.
+        schedule: ``cosine`` (decay to ``min_lr_ratio`` × lr at the end of training) or ``constant``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``cosine``.
+        max_new_tokens: Longest generated caption, EOS included.
+        num_beams: 1 for greedy decoding, more for beam search.
+        num_samples: Validation images kept each epoch (with captions) for logging.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_gpt2",
+        preset: str = "tiny",
+        image_size: int = 64,
+        pretrained_dir: str | None = None,
+        encoder_dir: str | None = None,
+        decoder_dir: str | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        schedule: str = "cosine",
+        min_lr_ratio: float = 0.05,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        num_samples: int = 8,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise RobucapError(f"model.lr must be > 0, got {lr}")
+        if schedule not in SCHEDULES:
+            raise RobucapError(f"model.schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise RobucapError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if num_beams < 1 or max_new_tokens < 1 or warmup_steps < 0:
+            raise RobucapError("model.num_beams and model.max_new_tokens must be >= 1, model.warmup_steps >= 0")
+        self.save_hyperparameters()
+        self.captioner: Captioner | None = None
+        self.tokenizer: PreTrainedTokenizerFast | None = None
+        self.val_bleu = CaptionBLEU()
+        self.val_samples: list[dict[str, Any]] = []
+        self.test_records: list[dict[str, Any]] = []
+        self.test_results: dict[str, Any] = {}
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def with_tokenizer(cls, tokenizer: PreTrainedTokenizerFast, **kwargs: Any) -> CaptioningModule:
+        """Build a module and its captioner at once (outside a Trainer, e.g. in scripts and tests)."""
+        module = cls(**kwargs)
+        module.tokenizer = tokenizer
+        module.configure_model()
+        return module
+
+    def setup(self, stage: str) -> None:
+        """Agree on one tokenizer with the data module: the checkpoint's if resuming, else the data module's."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.tokenizer is None and self.trainer.ckpt_path:
+            self.tokenizer = read_checkpoint_tokenizer(self.trainer.ckpt_path)
+        if self.tokenizer is None:
+            if datamodule is None or getattr(datamodule, "tokenizer", None) is None:
+                raise RobucapError(
+                    "no tokenizer: use CaptionDataModule, a checkpoint, or CaptioningModule.with_tokenizer"
+                )
+            self.tokenizer = datamodule.tokenizer
+        elif datamodule is not None and hasattr(datamodule, "tokenizer"):
+            datamodule.tokenizer = self.tokenizer
+
+    def configure_model(self) -> None:
+        # Without a tokenizer (load_from_checkpoint calls this hook first) the build waits for on_load_checkpoint.
+        if self.captioner is not None or self.tokenizer is None:
+            return
+        hp = self.hparams
+        self.captioner = build_captioner(
+            hp.arch,
+            VocabInfo.from_tokenizer(self.tokenizer),
+            hp.image_size,
+            preset=hp.preset,
+            pretrained_dir=hp.pretrained_dir,
+            encoder_dir=hp.encoder_dir,
+            decoder_dir=hp.decoder_dir,
+            overrides=hp.overrides,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TOKENIZER_KEY] = tokenizer_to_state(self.tokenizer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TOKENIZER_KEY not in checkpoint:
+            raise RobucapError("this checkpoint was not written by robucap's CaptioningModule (no tokenizer inside)")
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+        self.configure_model()
+
+    # -- inference ----------------------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced mean cross-entropy.
+
+        Shape:
+            ``pixel_values``: ``(B, 3, H, W)`` in [0, 1]; ``labels``: ``(B, T)``.
+        """
+        return self.captioner(pixel_values, labels).loss
+
+    @torch.no_grad()
+    def caption(self, pixel_values: torch.Tensor, num_beams: int | None = None) -> list[str]:
+        """Generate captions (greedy unless ``num_beams`` > 1).
+
+        Shape:
+            ``pixel_values``: ``(B, 3, H, W)`` in [0, 1].
+        """
+        tokens = self.captioner.generate(
+            pixel_values, max_new_tokens=self.hparams.max_new_tokens, num_beams=num_beams or self.hparams.num_beams
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.captioner(batch["pixel_values"], batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.captioner.named_parameters():
+            if not param.requires_grad:
+                continue  # frozen parts (FreezeEncoder / FreezeDecoder) never enter the optimizer
+            is_plain_weight = param.ndim >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name
+            (decay if is_plain_weight else no_decay).append(param)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        schedule = SCHEDULES[hp.schedule]
+        scheduler = LambdaLR(optimizer, lambda step: schedule(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_samples = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["pixel_values"]
+        loss = self.captioner(images, batch["labels"]).loss
+        self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        predictions = self.caption(images)
+        self.val_bleu.update(predictions, batch["references"], batch["image_id"])
+        room = self.hparams.num_samples - len(self.val_samples)
+        for i in range(min(room, len(predictions))):
+            self.val_samples.append(
+                {
+                    "image_id": batch["image_id"][i],
+                    "image": images[i].detach().mul(255).round().to(torch.uint8).cpu(),
+                    "prediction": predictions[i],
+                    "references": batch["references"][i],
+                }
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        # CaptionBLEU syncs and de-duplicates image ids itself, so every rank holds the same exact values.
+        scores = self.val_bleu.compute()
+        self.val_bleu.reset()
+        for key, value in scores.items():
+            self.log(f"val/{key}", value.float(), prog_bar=key == "bleu4", sync_dist=True)
+
+    # -- test ---------------------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.test_records = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        predictions = self.caption(batch["pixel_values"])
+        for image_id, prediction, refs in zip(batch["image_id"], predictions, batch["references"], strict=True):
+            self.test_records.append({"image_id": image_id, "prediction": prediction, "references": list(refs)})
+
+    def on_test_epoch_end(self) -> None:
+        records = gather_unique(self.test_records)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            scores = coco_caption_scores(
+                {r["image_id"]: r["prediction"] for r in records}, {r["image_id"]: r["references"] for r in records}
+            )
+        self.test_results = {"scores": scores, "predictions": records}
+        self.log_dict({f"test/{k}": float(v) for k, v in scores.items()}, sync_dist=True)
+
+
+def read_checkpoint_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load only the tokenizer stored in a robucap checkpoint (no pickled code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RobucapError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise RobucapError(f"cannot read checkpoint {path}: {err}") from err
+    if TOKENIZER_KEY not in checkpoint:
+        raise RobucapError(f"checkpoint {path} was not written by robucap's CaptioningModule (no tokenizer inside)")
+    return tokenizer_from_state(checkpoint[TOKENIZER_KEY])
