@@ -26,6 +26,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The quick profile keeps `make demo` (installation included) under 10 minutes on 2 CPU cores.
     "quick": {"epochs": 3, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100},
     "full": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "warmup_steps": 200},
+    # A seconds-long run on a few dozen 32 px images, for tests of the plumbing (numbers are meaningless).
+    "smoke": {
+        "epochs": 1,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "shapes": {"n_train": 48, "n_val": 9, "n_test": 9, "image_size": 32},
+    },
 }
 
 
@@ -70,7 +78,7 @@ def register_stage(name: str, stage: DemoStage) -> None:
 
 def stage_data(ctx: DemoContext) -> None:
     """Create the shapes data if missing and set up the data module."""
-    config = ShapesConfig(seed=ctx.seed)
+    config = ShapesConfig(seed=ctx.seed, **ctx.settings.get("shapes", {}))
     if not shapes_ready(ctx.data_root, config):
         print(f"[demo] writing the shapes dataset to {ctx.data_root}")
         generate_shapes(ctx.data_root, config, progress=True)

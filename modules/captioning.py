@@ -155,6 +155,9 @@ class CaptioningModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.captioner(batch["pixel_values"], batch["labels"]).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        if self._trainer is not None and self.trainer.lr_scheduler_configs:
+            # Logged here rather than by LearningRateMonitor, which refuses to run without a logger.
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

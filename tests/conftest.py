@@ -12,3 +12,48 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["PYTHONHASHSEED"] = "0"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes dataset (32 px) shared by the whole session: 160 train, 21 val (odd), 15 test images."""
+    from datamodules.shapes import ShapesConfig, generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, ShapesConfig(n_train=160, n_val=21, n_test=15, image_size=32, seed=3), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT-GPT2 trained for a few epochs on ``shapes_root`` (enough to produce non-trivial captions)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from datamodules.datamodule import CaptionDataModule
+    from modules.captioning import CaptioningModule
+
+    out = tmp_path_factory.mktemp("trained")
+    L.seed_everything(0)
+    dm = CaptionDataModule(format="coco", root=str(shapes_root), image_size=32, batch_size=32, progress=False)
+    dm.setup("fit")
+    module = CaptioningModule.with_tokenizer(dm.tokenizer, image_size=32, lr=3e-3, warmup_steps=5, max_new_tokens=24)
+    trainer = L.Trainer(
+        max_epochs=4,
+        logger=CSVLogger(str(out)),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=4,
+    )
+    trainer.fit(module, datamodule=dm)
+    path = out / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path

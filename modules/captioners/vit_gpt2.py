@@ -117,8 +117,11 @@ class ViTGPT2Captioner(Captioner):
             decoder_start_token_id=self.vocab.bos_token_id,
             eos_token_id=self.vocab.eos_token_id,
             pad_token_id=self.vocab.pad_token_id,
-        )
-        return tokens[:, 1:]
+        )[:, 1:]
+        # transformers' beam search fills finished beams with `pad_token_id or eos`, i.e. with EOS when pad is id 0.
+        is_eos = tokens.eq(self.vocab.eos_token_id).long()
+        after_eos = (is_eos.cumsum(1) - is_eos).gt(0)
+        return tokens.masked_fill(after_eos, self.vocab.pad_token_id)
 
 
 def _shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
