@@ -56,4 +56,15 @@ def run_lightning_cli(args: list[str] | None) -> RobucapCLI:
     Args:
         args: Arguments starting with the subcommand; ``None`` reads ``sys.argv``.
     """
-    return RobucapCLI(args=args)
+    cli = RobucapCLI(args=args)
+    finish_wandb(cli.trainer)
+    return cli
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Close W&B runs so the offline transaction log holds every metric (and `wandb sync` sees a finished run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
