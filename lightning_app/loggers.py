@@ -36,6 +36,8 @@ class RobucapWandbLogger(WandbLogger):
         log_model: bool = False,
         **kwargs: Any,
     ) -> None:
+        # Absolute, because wandb's long-lived service process resolves relative paths against its own cwd.
+        save_dir = os.path.abspath(save_dir)
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(
             project=project,
