@@ -26,13 +26,16 @@ def caption_grid_png(images: list[torch.Tensor], captions: list[str], columns: i
     n = len(images)
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * scale, rows * (scale + 0.6)), squeeze=False)
+    wrapped = ["\n".join(line for part in c.split("\n") for line in textwrap.wrap(part, 34)) for c in captions]
+    # Room under each image for its longest caption, so text never overlaps the row below.
+    text_inches = 0.13 * max(w.count("\n") + 1 for w in wrapped) + 0.1
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * scale, rows * (scale + text_inches)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+    for ax, image, caption in zip(axes.flat, images, wrapped, strict=False):
         array = image.float() / 255 if image.dtype == torch.uint8 else image.float()
         ax.imshow(array.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title("\n".join(textwrap.wrap(caption, 28)), fontsize=7)
+        ax.text(0.5, -0.03, caption, transform=ax.transAxes, ha="center", va="top", fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
