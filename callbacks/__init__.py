@@ -1,0 +1,20 @@
+"""Lightning callbacks: freezing, adversarial training, robustness evaluation and example-image logging.
+
+On the command line they are appended to the defaults with ``--trainer.callbacks+=callbacks.<Name>`` (options then
+follow as ``--trainer.callbacks.<option>=...``, applying to the callback appended last).
+"""
+
+from callbacks.adversarial_examples import AdversarialExamples
+from callbacks.adversarial_training import AdversarialTraining
+from callbacks.caption_samples import CaptionSamples
+from callbacks.freeze import FreezeDecoder, FreezeEncoder
+from callbacks.robustness import RobustnessEvaluation
+
+__all__ = [
+    "AdversarialExamples",
+    "AdversarialTraining",
+    "CaptionSamples",
+    "FreezeDecoder",
+    "FreezeEncoder",
+    "RobustnessEvaluation",
+]

@@ -136,6 +136,16 @@ class CaptionDataModule(L.LightningDataModule):
             store = self._store(split)
             self.datasets[split] = CaptionPairs(store) if split == "train" else CaptionImages(store)
 
+    def eval_dataset(self, split: str) -> CaptionImages:
+        """Any split as unique images with all their references (e.g. to score captions on training images)."""
+        if split != "train":
+            if split not in self.datasets:
+                self.setup({"val": "validate", "test": "test"}[split])
+            return self.datasets[split]
+        if split not in self.datasets:
+            self.setup("fit")
+        return CaptionImages(self.datasets["train"].store)
+
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
         """Load ``tokenizer`` if given, else build a word-level tokenizer from the training captions."""
         if self.tokenizer_dir:

@@ -58,7 +58,18 @@ def _cmd_demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"data": _cmd_data, "export": _cmd_export, "demo": _cmd_demo}
+def _cmd_study(argv: list[str]) -> int:
+    from lightning_app.studies import study_main
+
+    return study_main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "data": _cmd_data,
+    "export": _cmd_export,
+    "demo": _cmd_demo,
+    "study": _cmd_study,
+}
 
 
 def main(args: list[str] | None = None) -> int:
@@ -97,6 +108,7 @@ def _print_help() -> None:
         "  data shapes --out DIR      write the procedural shapes dataset\n"
         "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text') loads it)\n"
         "  demo --out DIR             train, test and report the tiny baseline on shapes\n"
+        "  study freeze --out DIR     paper 002's five phases: adversarial training, encoder / decoder frozen\n"
     )
 
 

@@ -170,8 +170,27 @@ def training_curves_png(rows: list[dict[str, float]]) -> bytes:
     return buffer.getvalue()
 
 
+def stage_freeze_study(ctx: DemoContext) -> None:
+    """Paper 002's five phases on the demo's data, starting from the demo's baseline (issue 3)."""
+    from lightning_app.studies.freeze import run_and_report, study_settings
+
+    overrides = {"trials": 1} if ctx.profile == "smoke" else {}
+    cfg = study_settings(ctx.profile, seed=ctx.seed, wandb=ctx.wandb, **overrides)
+    base: TrainedCaptioner = ctx.state["baseline"]
+    ctx.results["freeze_study"] = run_and_report(
+        ctx.state["datamodule"],
+        ctx.out / "freeze_study",
+        cfg,
+        ctx.report,
+        baseline=base.module,
+        baseline_checkpoint=base.checkpoint,
+        baseline_seconds=base.train_seconds,
+    )
+
+
 register_stage("data", stage_data)
 register_stage("baseline", stage_baseline)
+register_stage("freeze_study", stage_freeze_study)
 
 
 def run_demo(out: Path, data_root: Path, profile: str = "quick", seed: int = 0, wandb: bool = True) -> DemoContext:

@@ -1,0 +1,143 @@
+"""Show what an attack does: original / adversarial / amplified difference, with captions (paper 002, Table 1)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from modules.attacks import build_attack, check_epsilon
+
+__all__ = ["AdversarialExamples", "amplified_difference"]
+
+
+def amplified_difference(clean: torch.Tensor, adversarial: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """The perturbation ``δ = adversarial - clean`` stretched per image to fill [0, 1].
+
+    Args:
+        clean: Shape: ``(B, 3, H, W)`` in [0, 1].
+        adversarial: Shape: ``(B, 3, H, W)`` in [0, 1].
+        signed: Map ``δ`` to ``0.5 + 0.5 * δ / max|δ|`` (grey = unchanged, brighter = raised, darker = lowered).
+            FGSM moves almost every pixel by exactly ε, so ``|δ|`` alone is a nearly uniform white image; its sign
+            pattern (the patch-aligned structure paper 002 points out for ViT) is what carries information.
+            ``False`` gives ``|δ| / max|δ|``.
+
+    Returns:
+        Shape: ``(B, 3, H, W)`` in [0, 1]; grey (signed) or black (absolute) where nothing changed.
+    """
+    delta = adversarial.float() - clean.float()
+    peak = delta.abs().flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (0.5 + 0.5 * delta / peak) if signed else delta.abs() / peak
+
+
+class AdversarialExamples(L.Callback):
+    """Every validation epoch, a grid of the first validation images of rank 0 under attack.
+
+    One row per image: the original with its generated caption, the adversarial image with its caption, and the
+    perturbation stretched to fill [0, 1] (labelled with its true L-infinity size), as in paper 002's Table 1. The
+    perturbation is shown signed by default (see :func:`amplified_difference`).
+    The attack is white-box against the current weights, untargeted on the first reference caption.
+
+    The grid goes to W&B (``WandbLogger.log_image`` under ``key``) and, for every other logger with a log directory
+    (CSV), to ``<log_dir>/adversarial_examples/epoch_NNN.png``; without any logger to
+    ``<default_root_dir>/adversarial_examples/epoch_NNN.png``. :attr:`last_path` holds the last file written.
+
+    Args:
+        num_images: Rows of the grid.
+        attack: Attack name from :mod:`modules.attacks`.
+        epsilon: Budget in [0, 1] pixel units.
+        attack_kwargs: Options of the attack.
+        signed_difference: Show ``δ`` around grey (default) rather than ``|δ|`` from black.
+        key: W&B image key.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 4,
+        attack: str = "fgsm",
+        epsilon: float = 0.05,
+        attack_kwargs: dict[str, Any] | None = None,
+        signed_difference: bool = True,
+        key: str = "val/adversarial_examples",
+    ) -> None:
+        super().__init__()
+        self.num_images = max(1, int(num_images))
+        self.epsilon = check_epsilon(epsilon, "AdversarialExamples epsilon")
+        self.attack_name = attack
+        self.attack = build_attack(attack, self.epsilon, **dict(attack_kwargs or {}))
+        self.signed_difference = signed_difference
+        self.key = key
+        self.rows: list[dict[str, Any]] = []
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # Rank 0 only: attack and generation involve no collective, so the other ranks need not wait.
+        if trainer.sanity_checking or not trainer.is_global_zero or len(self.rows) >= self.num_images:
+            return
+        take = self.num_images - len(self.rows)
+        images = batch["pixel_values"][:take]
+        adversarial = self.attack(pl_module.captioner, images, batch["labels"][:take])
+        clean_captions = pl_module.caption(images)
+        adversarial_captions = pl_module.caption(adversarial)
+        differences = amplified_difference(images, adversarial, self.signed_difference)
+        for i in range(images.shape[0]):
+            self.rows.append(
+                {
+                    "clean": images[i].detach().float().cpu(),
+                    "adversarial": adversarial[i].detach().float().cpu(),
+                    "difference": differences[i].cpu(),
+                    "linf": float((adversarial[i].float() - images[i].float()).abs().max()),
+                    "clean_caption": clean_captions[i],
+                    "adversarial_caption": adversarial_captions[i],
+                }
+            )
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.rows:
+            return
+        from callbacks.image_grid import caption_grid_png
+
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        symbol = "δ" if self.signed_difference else "|δ|"
+        for row in self.rows:
+            images += [row["clean"], row["adversarial"], row["difference"]]
+            captions += [
+                f"original: {row['clean_caption']}",
+                f"{self.attack_name} ε={self.epsilon:g}: {row['adversarial_caption']}",
+                f"{symbol} amplified (max {row['linf']:.3f} = {row['linf'] * 255:.1f}/255)",
+            ]
+        png = caption_grid_png(images, captions, columns=3)
+        name = f"epoch_{trainer.current_epoch:03d}.png"
+        directories: list[Path] = []
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                from PIL import Image
+
+                logger.log_image(
+                    key=self.key, images=[Image.open(io.BytesIO(png))], caption=[f"epoch {trainer.current_epoch}"]
+                )
+            elif logger.log_dir:
+                directories.append(Path(logger.log_dir))
+        if not trainer.loggers:
+            directories.append(Path(trainer.default_root_dir))
+        for directory in directories:
+            path = directory / "adversarial_examples" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png)
+            self.last_path = path
