@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_step.py --threads 1
+	$(PY) benchmarks/adversarial_step.py
 
 clean:
 	rm -rf runs wandb lightning_logs

@@ -53,7 +53,7 @@ class FreezeStudyConfig:
     """FGSM budget in [0, 1] pixel units (paper 002's 0.1 on ViT's [-1, 1] input)."""
     baseline_epochs: int = 3
     """Epochs of clean training for the baseline (from scratch)."""
-    finetune_epochs: float = 1.0
+    finetune_epochs: float = 0.5
     """Epochs of each fine-tuning phase (fractions allowed: a share of the training batches)."""
     trials: int = 3
     """Seeds for the freeze phases (mean ± std)."""
