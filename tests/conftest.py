@@ -12,6 +12,8 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["PYTHONHASHSEED"] = "0"
+# Two cores and several processes (DDP tests): one intra-op thread each avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
