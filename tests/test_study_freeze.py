@@ -29,11 +29,12 @@ def test_study_freeze_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
                 assert set(row[split][kind]) == BLEU
                 assert set(row["std"][split][kind]) == BLEU
         assert row["trainable_params"] > 0 and row["train_seconds"] > 0
+        assert row["test"]["n_images"] == 8 and row["train"]["n_images"] == 8
     assert rows["freeze_encoder"]["trials"] == 2 and rows["baseline"]["trials"] == 1
     assert rows["freeze_encoder"]["trainable_params"] < rows["adversarial_training"]["trainable_params"]
     assert rows["freeze_decoder"]["trainable_params"] < rows["adversarial_training"]["trainable_params"]
     html = (out / "report.html").read_text()
-    assert "Freeze study" in html and "data:image/png;base64," in html
+    assert "Freeze study" in html and html.count("data:image/png;base64,") >= 2  # bar chart + examples
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,7 @@ def _mean_std(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
             values = {k: [r["scores"][split][kind][k] for r in runs] for k in BLEU}
             mean[split][kind] = {k: statistics.fmean(v) for k, v in values.items()}
             std[split][kind] = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+        mean[split]["n_images"] = runs[0]["scores"][split]["n_images"]
     return mean, std
 
 
@@ -323,6 +324,28 @@ def study_settings(profile: str, **overrides: Any) -> FreezeStudyConfig:
     return FreezeStudyConfig(**{**PROFILES[profile], **overrides})
 
 
+def example_grid_png(block: dict[str, Any], datamodule: CaptionDataModule, n_images: int = 3) -> bytes:
+    """Original / FGSM / amplified difference for a few test images, baseline vs adversarially trained (Table 1)."""
+    from callbacks.image_grid import caption_grid_png
+
+    rows = {r["name"]: r for r in block["rows"]}
+    dataset = datamodule.datasets["test"]
+    images, captions = [], []
+    for name in ("baseline", "adversarial_training"):
+        module = CaptioningModule.load_from_checkpoint(rows[name]["checkpoint"], map_location="cpu", weights_only=True)
+        module.eval()
+        batch = next(iter(evaluation_loader(module, dataset, n_images, batch_size=n_images)))
+        clean = batch["pixel_values"]
+        adversarial = FGSM(block["epsilon"])(module.captioner, clean, batch["labels"])
+        clean_captions, adversarial_captions = module.caption(clean), module.caption(adversarial)
+        delta = adversarial - clean
+        amplified = (delta / (2 * block["epsilon"]) + 0.5).clamp(0, 1)
+        for i in range(clean.shape[0]):
+            images += [clean[i], adversarial[i], amplified[i]]
+            captions += [f"{name}: {clean_captions[i]}", f"FGSM: {adversarial_captions[i]}", "difference (amplified)"]
+    return caption_grid_png(images, captions, columns=3)
+
+
 def run_and_report(
     datamodule: CaptionDataModule, out: Path, cfg: FreezeStudyConfig, report: Report, **baseline: Any
 ) -> dict[str, Any]:
@@ -331,4 +354,6 @@ def run_and_report(
     block = run_freeze_study(datamodule, out, cfg, **baseline)
     block["seconds"] = round(time.perf_counter() - start, 1)
     report_freeze_study(report, block)
+    report.paragraph("Test images: clean and FGSM captions of the baseline and of the adversarially trained model.")
+    report.image(example_grid_png(block, datamodule), "adversarial examples")
     return block
