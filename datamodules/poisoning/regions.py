@@ -1,0 +1,339 @@
+"""Region sources: where the object boxes that object-oriented triggers act on come from.
+
+Two sources share one interface, ``check(records)`` once per split and ``regions(record) -> tuple[Box, ...]``
+per image, with boxes in pixel coordinates of the *source* image (see :class:`~datamodules.records.Box`):
+
+- :class:`AnnotationRegions` (``annotations``): the boxes the loader read from COCO ``instances_*.json``
+  (the generated shapes data has them).
+- :class:`DetectorRegions` (``detector``): a torchvision detection model (Faster R-CNN, RetinaNet or SSDlite)
+  loaded from a local weights file, never downloaded. Detection runs once per image: boxes are cached as JSON
+  under ``cache_dir``, keyed by dataset, detector (architecture, weights file, threshold) and image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from datamodules.errors import DataError, RobucapError
+from datamodules.images import load_image
+from datamodules.records import Box, ImageRecord
+
+__all__ = [
+    "DETECTOR_ARCHS",
+    "REGION_SOURCES",
+    "AnnotationRegions",
+    "DetectorRegions",
+    "RegionSource",
+    "build_region_source",
+]
+
+REGION_SOURCES: tuple[str, ...] = ("annotations", "detector")
+
+# Constructor keyword of each architecture's own (pre-NMS) score cut; lowered to the user's threshold so that
+# a threshold below the torchvision default still sees the low-scoring boxes.
+_SCORE_KWARG: dict[str, tuple[str, float]] = {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ("box_score_thresh", 0.05),
+    "fasterrcnn_resnet50_fpn": ("box_score_thresh", 0.05),
+    "retinanet_resnet50_fpn": ("score_thresh", 0.05),
+    "ssdlite320_mobilenet_v3_large": ("score_thresh", 0.001),
+}
+DETECTOR_ARCHS: tuple[str, ...] = tuple(_SCORE_KWARG)
+
+# Bump when the cache file layout changes, so stale caches are never read.
+_CACHE_VERSION = 1
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class RegionSource(Protocol):
+    """What every region source provides."""
+
+    def check(self, records: Sequence[ImageRecord], split: str = "split") -> None:
+        """Fail early when the source cannot give boxes for this split.
+
+        Args:
+            records: The split's records.
+            split: Name of the split, for the error message.
+
+        Raises:
+            DataError: When the source has no way to produce boxes for the split.
+        """
+        ...
+
+    def regions(self, record: ImageRecord) -> tuple[Box, ...]:
+        """Object boxes of one image, in pixel coordinates of the source image.
+
+        Args:
+            record: The image's record.
+
+        Returns:
+            The boxes, possibly empty.
+        """
+        ...
+
+
+class AnnotationRegions:
+    """Boxes from the dataset's own annotations (COCO ``instances_*.json``)."""
+
+    def check(self, records: Sequence[ImageRecord], split: str = "split") -> None:
+        """Reject a split in which no record carries a single box.
+
+        Args:
+            records: The split's records.
+            split: Name of the split, for the error message.
+
+        Raises:
+            DataError: When no record has boxes.
+        """
+        if not any(record.boxes for record in records):
+            raise DataError(
+                f"{split} has no object boxes (no instances_*.json); "
+                "use region source 'detector' or the 'badnets' trigger"
+            )
+
+    def regions(self, record: ImageRecord) -> tuple[Box, ...]:
+        """Return the record's annotated boxes.
+
+        Args:
+            record: The image's record.
+
+        Returns:
+            ``record.boxes``.
+        """
+        return tuple(record.boxes)
+
+
+class DetectorRegions:
+    """Boxes predicted by a torchvision detector from local weights, cached per image on disk.
+
+    Args:
+        arch: One of :data:`DETECTOR_ARCHS`.
+        weights: Local file holding the model's ``state_dict`` (``.pth``/``.pt`` saved with ``torch.save``, or
+            ``.safetensors``).
+        score_threshold: Keep detections scoring at least this, in [0, 1].
+        cache_dir: Directory for the per-image box cache.
+        num_classes: Number of classes of the detection head (91 for the COCO-trained torchvision weights).
+        device: Device detection runs on.
+        dataset_key: Identifies the dataset in the cache key (for example its root directory); when empty,
+            the absolute image path alone identifies each image.
+
+    Raises:
+        RobucapError: On an unknown ``arch`` or a threshold outside [0, 1].
+        DataError: When the weights file is missing, unreadable or does not fit the architecture.
+    """
+
+    def __init__(
+        self,
+        arch: str = "fasterrcnn_mobilenet_v3_large_320_fpn",
+        weights: str | Path = "",
+        score_threshold: float = 0.5,
+        cache_dir: str | Path = ".cache/regions",
+        num_classes: int = 91,
+        device: str | torch.device = "cpu",
+        dataset_key: str = "",
+    ) -> None:
+        if arch not in _SCORE_KWARG:
+            raise RobucapError(f"detector arch must be one of {', '.join(DETECTOR_ARCHS)}, got {arch!r}")
+        if isinstance(score_threshold, bool) or not 0.0 <= float(score_threshold) <= 1.0:
+            raise RobucapError(f"detector score_threshold must be in [0, 1], got {score_threshold!r}")
+        if isinstance(num_classes, bool) or int(num_classes) < 2:
+            raise RobucapError(f"detector num_classes must be at least 2 (background + 1), got {num_classes!r}")
+        self.arch = arch
+        self.weights = Path(weights)
+        self.score_threshold = float(score_threshold)
+        self.num_classes = int(num_classes)
+        self.device = torch.device(device)
+        self.dataset_key = str(dataset_key)
+        self._expected = (
+            f"it must hold the state_dict of a torchvision {arch} with num_classes={self.num_classes} "
+            "(saved with torch.save(model.state_dict(), path) or safetensors)"
+        )
+        if not str(weights) or not self.weights.is_file():
+            raise DataError(f"detector weights file {self.weights} does not exist; {self._expected}")
+        self.model = self._build_model()
+        fingerprint = _file_sha256(self.weights)
+        identity = json.dumps(
+            [_CACHE_VERSION, self.dataset_key, arch, self.num_classes, fingerprint, self.score_threshold]
+        )
+        self.cache_dir = Path(cache_dir) / hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+    def _build_model(self) -> torch.nn.Module:
+        """Construct the architecture without any download and load the weights file into it."""
+        from torchvision.models import detection
+
+        builder: Callable[..., torch.nn.Module] = getattr(detection, self.arch)
+        kwarg, default = _SCORE_KWARG[self.arch]
+        model = builder(
+            weights=None,
+            weights_backbone=None,
+            num_classes=self.num_classes,
+            **{kwarg: min(default, self.score_threshold)},
+        )
+        state = self._read_state_dict()
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())
+            raise DataError(f"detector weights file {self.weights} does not fit: {detail}; {self._expected}") from error
+        return model.to(self.device).eval()
+
+    def _read_state_dict(self) -> dict[str, torch.Tensor]:
+        """Read the weights file as a mapping of parameter names to tensors."""
+        try:
+            if self.weights.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state: Any = load_file(str(self.weights))
+            else:
+                state = torch.load(self.weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any decoding failure is a bad file
+            raise DataError(
+                f"detector weights file {self.weights} cannot be read ({error}); {self._expected}"
+            ) from error
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise DataError(
+                f"detector weights file {self.weights} holds a {type(state).__name__}, not a state_dict of tensors; "
+                f"{self._expected}"
+            )
+        return state
+
+    def check(self, records: Sequence[ImageRecord], split: str = "split") -> None:
+        """Accept any split: the detector finds boxes in any image.
+
+        Args:
+            records: The split's records (unused).
+            split: Name of the split (unused).
+        """
+        del records, split
+
+    def cache_path(self, record: ImageRecord) -> Path:
+        """Path of the cache file of one image.
+
+        Args:
+            record: The image's record.
+
+        Returns:
+            ``cache_dir/<detector key>/<image key>.json``.
+        """
+        where = "" if self.dataset_key else os.path.abspath(record.path)
+        digest = hashlib.sha256(json.dumps([repr(record.image_id), where]).encode()).hexdigest()[:16]
+        name = _SAFE_KEY.sub("_", str(record.image_id))[:64]
+        return self.cache_dir / f"{name}-{digest}.json"
+
+    def regions(self, record: ImageRecord) -> tuple[Box, ...]:
+        """Detect the objects of one image, or read them from the cache.
+
+        Args:
+            record: The image's record.
+
+        Returns:
+            Boxes ``(x, y, w, h)`` in source pixels with ``category`` set to the label id as a string.
+
+        Raises:
+            DataError: When the image cannot be decoded.
+        """
+        path = self.cache_path(record)
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
+        boxes = self.detect(load_image(record.path))
+        _write_cache(path, record, boxes)
+        return boxes
+
+    @torch.no_grad()
+    def detect(self, image: torch.Tensor) -> tuple[Box, ...]:
+        """Run the detector on one image, without the cache.
+
+        Args:
+            image: Float RGB image in [0, 1].
+
+        Returns:
+            Boxes scoring at least ``score_threshold``, in the pixel coordinates of ``image``, best first.
+
+        Shape:
+            ``image``: ``(3, H, W)``.
+        """
+        output = self.model([image.to(self.device)])[0]
+        result = []
+        for (x1, y1, x2, y2), label, score in zip(
+            output["boxes"].tolist(), output["labels"].tolist(), output["scores"].tolist(), strict=True
+        ):
+            if score >= self.score_threshold and x2 > x1 and y2 > y1:
+                result.append((score, Box(float(x1), float(y1), float(x2 - x1), float(y2 - y1), str(int(label)))))
+        result.sort(key=lambda item: -item[0])
+        return tuple(box for _, box in result)
+
+
+def build_region_source(name: str, **options: Any) -> AnnotationRegions | DetectorRegions:
+    """Build a region source by name.
+
+    Args:
+        name: One of :data:`REGION_SOURCES`.
+        **options: Keyword arguments of :class:`DetectorRegions` (none for ``annotations``).
+
+    Returns:
+        The region source.
+
+    Raises:
+        RobucapError: On an unknown name or options the source does not take.
+    """
+    if name == "annotations":
+        if options:
+            raise RobucapError(f"region source 'annotations' takes no options, got {', '.join(sorted(options))}")
+        return AnnotationRegions()
+    if name == "detector":
+        allowed = {"arch", "weights", "score_threshold", "cache_dir", "num_classes", "device", "dataset_key"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise RobucapError(
+                f"region source 'detector' got unknown options {', '.join(unknown)}; "
+                f"expected some of {', '.join(sorted(allowed))}"
+            )
+        if not options.get("weights"):
+            raise RobucapError("region source 'detector' needs 'weights': a local detector state_dict file")
+        return DetectorRegions(**options)
+    raise RobucapError(f"region source must be one of {', '.join(REGION_SOURCES)}, got {name!r}")
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path) -> tuple[Box, ...] | None:
+    """Read one cache file; ``None`` when it is absent or unreadable (then detection runs again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return tuple(Box(float(x), float(y), float(w), float(h), str(c)) for x, y, w, h, c in data["boxes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(path: Path, record: ImageRecord, boxes: Sequence[Box]) -> None:
+    """Write one cache file atomically, so a crash or a concurrent writer never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "image_id": record.image_id,
+        "path": str(record.path),
+        "boxes": [[box.x, box.y, box.w, box.h, box.category] for box in boxes],
+    }
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(payload, file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
