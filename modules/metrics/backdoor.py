@@ -16,18 +16,16 @@ gathers every rank's rows, keeps the first row for each key and only then averag
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from datamodules.errors import RobucapError
 from datamodules.text import normalize_caption
 from modules.metrics.bleu import _as_id_list, image_key, sentence_bleu
+from modules.metrics.per_image import PerImageMetric
 
 __all__ = [
     "DEFAULT_RELAXED_THRESHOLD",
@@ -85,7 +83,7 @@ def target_bleu4(pred: str, target_caption: str) -> float:
     return sentence_bleu(pred, [_normalized_target(target_caption)])[3]
 
 
-class TargetCaptionRate(Metric):
+class TargetCaptionRate(PerImageMetric):
     """Share of unique images captioned with the target caption: ASR on poisoned images, FTR on clean ones.
 
     Log ``rate``/``rate_relaxed`` of an instance fed poisoned images as ``val/asr``/``val/asr_relaxed`` and
@@ -102,9 +100,6 @@ class TargetCaptionRate(Metric):
     higher_is_better = True
     full_state_update = False
 
-    image_keys: list[Tensor] | Tensor
-    flags: list[Tensor] | Tensor
-
     def __init__(
         self, target_caption: str, relaxed_threshold: float = DEFAULT_RELAXED_THRESHOLD, **kwargs: Any
     ) -> None:
@@ -118,15 +113,13 @@ class TargetCaptionRate(Metric):
         Raises:
             RobucapError: If the target is empty after normalisation or the threshold is outside (0, 1].
         """
-        super().__init__(**kwargs)
+        super().__init__(_NUM_FLAGS, **kwargs)
         self.target_caption = _normalized_target(target_caption)
         if isinstance(relaxed_threshold, bool) or not isinstance(relaxed_threshold, (int, float)):
             raise RobucapError(f"relaxed_threshold: expected a number in (0, 1], got {relaxed_threshold!r}")
         if not 0.0 < float(relaxed_threshold) <= 1.0:
             raise RobucapError(f"relaxed_threshold must be in (0, 1], got {relaxed_threshold!r}")
         self.relaxed_threshold = float(relaxed_threshold)
-        self.add_state("image_keys", default=[], dist_reduce_fx="cat")
-        self.add_state("flags", default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Sequence[str], image_ids: Sequence[int | str] | Tensor) -> None:
         """Add one batch of predicted captions.
@@ -153,35 +146,7 @@ class TargetCaptionRate(Metric):
             exact = normalize_caption(pred) == self.target_caption
             relaxed = exact or sentence_bleu(pred, [self.target_caption])[3] >= self.relaxed_threshold
             rows.append([int(exact), int(relaxed)])
-        self.image_keys.append(torch.tensor(keys, dtype=torch.int64, device=self.device))
-        self.flags.append(torch.tensor(rows, dtype=torch.int64, device=self.device))
-
-    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
-        # As in CaptionBLEU: a rank without images must send typed, correctly shaped empties, not torchmetrics'
-        # default 1-D float tensor.
-        if isinstance(self.image_keys, list) and not self.image_keys:
-            self.image_keys = [torch.zeros(0, dtype=torch.int64, device=self.device)]
-        if isinstance(self.flags, list) and not self.flags:
-            self.flags = [torch.zeros(0, _NUM_FLAGS, dtype=torch.int64, device=self.device)]
-        super()._sync_dist(dist_sync_fn, process_group=process_group)
-
-    def _unique_flags(self) -> Tensor:
-        """Flag rows of the unique images seen (first occurrence per key), shape ``(M, 2)``."""
-        keys = self.image_keys
-        flags = self.flags
-        if isinstance(keys, list):
-            if not keys:
-                return torch.zeros(0, _NUM_FLAGS, dtype=torch.int64)
-            keys, flags = dim_zero_cat(keys), dim_zero_cat(flags)
-        keys = keys.reshape(-1)
-        flags = flags.reshape(-1, _NUM_FLAGS)
-        if keys.numel() == 0:
-            return flags
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        positions = torch.arange(keys.numel(), device=keys.device)
-        first = torch.full((unique.numel(),), keys.numel(), dtype=torch.int64, device=keys.device)
-        first.scatter_reduce_(0, inverse, positions, reduce="amin")
-        return flags[first]
+        self._append_rows(keys, rows)
 
     def compute(self) -> dict[str, Tensor]:
         """Rates over the unique images.
@@ -190,7 +155,7 @@ class TargetCaptionRate(Metric):
             ``{"rate", "rate_relaxed"}`` as float64 scalar tensors (fractions in [0, 1]) and ``"n"``, the number of
             unique images, as an int64 scalar tensor; all zeros when no image was seen.
         """
-        rows = self._unique_flags()
+        rows = self.unique_rows()
         n = int(rows.shape[0])
         counts = rows.sum(dim=0).tolist() if n else [0, 0]
         return {

@@ -15,17 +15,15 @@ import hashlib
 import math
 import operator
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from datamodules.errors import RobucapError
 from datamodules.text import caption_tokens
+from modules.metrics.per_image import PerImageMetric
 
 __all__ = ["BLEU_KEYS", "CaptionBLEU", "bleu_statistics", "image_key", "sentence_bleu"]
 
@@ -167,7 +165,7 @@ def _as_id_list(image_ids: Sequence[int | str] | Tensor) -> list[Any]:
     return list(image_ids)
 
 
-class CaptionBLEU(Metric):
+class CaptionBLEU(PerImageMetric):
     """Corpus BLEU-1..4 over unique images, identical to pycocoevalcap's ``Bleu(4)`` and exact under DDP.
 
     Every call to :meth:`update` stores one row of integer statistics per image; :meth:`compute` gathers the
@@ -185,18 +183,13 @@ class CaptionBLEU(Metric):
     higher_is_better = True
     full_state_update = False
 
-    image_keys: list[Tensor] | Tensor
-    stats: list[Tensor] | Tensor
-
     def __init__(self, **kwargs: Any) -> None:
         """Create the metric.
 
         Args:
             **kwargs: Forwarded to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``, ``sync_on_compute``).
         """
-        super().__init__(**kwargs)
-        self.add_state("image_keys", default=[], dist_reduce_fx="cat")
-        self.add_state("stats", default=[], dist_reduce_fx="cat")
+        super().__init__(NUM_STATS, **kwargs)
 
     def update(
         self,
@@ -231,35 +224,7 @@ class CaptionBLEU(Metric):
                     f"references for image_id {image_id!r}: expected a non-empty list of reference captions"
                 )
             rows.append(bleu_statistics(pred, refs))
-        self.image_keys.append(torch.tensor([image_key(i) for i in ids], dtype=torch.int64, device=self.device))
-        self.stats.append(torch.tensor(rows, dtype=torch.int64, device=self.device))
-
-    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
-        # torchmetrics replaces an empty list state by a 1-D float tensor before gathering; a rank that saw no
-        # images would then send a tensor of the wrong dtype and rank to the others. Send a typed empty instead.
-        if isinstance(self.image_keys, list) and not self.image_keys:
-            self.image_keys = [torch.zeros(0, dtype=torch.int64, device=self.device)]
-        if isinstance(self.stats, list) and not self.stats:
-            self.stats = [torch.zeros(0, NUM_STATS, dtype=torch.int64, device=self.device)]
-        super()._sync_dist(dist_sync_fn, process_group=process_group)
-
-    def _unique_stats(self) -> Tensor:
-        """Statistics rows of the unique images seen (in all processes, once synced), shape ``(M, NUM_STATS)``."""
-        keys = self.image_keys
-        stats = self.stats
-        if isinstance(keys, list):
-            if not keys:
-                return torch.zeros(0, NUM_STATS, dtype=torch.int64)
-            keys, stats = dim_zero_cat(keys), dim_zero_cat(stats)
-        keys = keys.reshape(-1)
-        stats = stats.reshape(-1, NUM_STATS)
-        if keys.numel() == 0:
-            return stats
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        positions = torch.arange(keys.numel(), device=keys.device)
-        first = torch.full((unique.numel(),), keys.numel(), dtype=torch.int64, device=keys.device)
-        first.scatter_reduce_(0, inverse, positions, reduce="amin")
-        return stats[first]
+        self._append_rows([image_key(i) for i in ids], rows)
 
     def compute(self) -> dict[str, Tensor]:
         """Corpus BLEU over the unique images.
@@ -268,7 +233,7 @@ class CaptionBLEU(Metric):
             ``{"bleu1": ..., "bleu4": ...}`` as float64 scalar tensors (fractions in [0, 1]); all zeros when no
             image was seen.
         """
-        rows = self._unique_stats()
+        rows = self.unique_rows()
         if rows.shape[0] == 0:
             scores = [0.0] * MAX_N
         else:
