@@ -56,7 +56,14 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import build_batches, build_module, build_tokenizer, machine_info  # noqa: E402
+from train_step import (  # noqa: E402
+    build_batches,
+    build_module,
+    build_tokenizer,
+    machine_info,
+    quartiles,
+    sync_device,
+)
 
 from callbacks import AdversarialTraining, FreezeDecoder, FreezeEncoder  # noqa: E402
 from modules.captioning import CaptioningModule  # noqa: E402
@@ -233,11 +240,6 @@ class Baton:
             self._cond.notify_all()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StepTimer(L.Callback):
     """Times each training step from ``on_train_batch_start`` to ``on_train_batch_end``, taking turns with others.
 
@@ -284,13 +286,13 @@ class StepTimer(L.Callback):
         if images.shape[0] != self.batch_size:
             raise RuntimeError(f"{self.variant.name}: the timer saw a batch of {images.shape[0]}, not the clean one")
         self._clean_images = images
-        _sync(self.device)
+        sync_device(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         self.step_ms.append((time.perf_counter() - self._start) * 1e3)
         self.losses.append(float(outputs["loss"]))
         images = batch["pixel_values"]
@@ -391,13 +393,6 @@ def run_repetition(
     return timers
 
 
-def _quartiles(values: Sequence[float]) -> list[float]:
-    if len(values) < 2:
-        return [values[0], values[0]]
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return [q1, q3]
-
-
 def summarise(
     variants: Sequence[Variant], steps: dict[str, list[list[float]]], losses: dict[str, list[float]]
 ) -> list[dict[str, Any]]:
@@ -423,7 +418,7 @@ def summarise(
             for rep, clean_rep in zip(mine, clean, strict=True)
         ]
         ratio = statistics.median(ratios)
-        q1, q3 = _quartiles(ratios)
+        q1, q3 = quartiles(ratios)
         row: dict[str, Any] = {
             "variant": variant.name,
             "description": variant.description,
@@ -432,7 +427,7 @@ def summarise(
             "attack_kwargs": variant.attack_kwargs if variant.mode else None,
             "freeze": variant.freeze,
             "step_ms": statistics.median(t for rep in mine for t in rep),
-            "step_ms_iqr": _quartiles([t for rep in mine for t in rep]),
+            "step_ms_iqr": quartiles([t for rep in mine for t in rep]),
             "ratio_to_clean": ratio,
             "ratio_iqr": [q1, q3],
             "ratio_per_repetition": rep_ratios,
@@ -451,7 +446,7 @@ def summarise(
             other = steps[variant.compare_to]
             rel = [t / o for rep, o_rep in zip(mine, other, strict=True) for t, o in zip(rep, o_rep, strict=True)]
             rel_ratio = statistics.median(rel)
-            r1, r3 = _quartiles(rel)
+            r1, r3 = quartiles(rel)
             row["ratio_to_" + variant.compare_to] = rel_ratio
             row["ratio_to_" + variant.compare_to + "_iqr"] = [r1, r3]
             row["goal"] = f"< {variant.compare_to}"

@@ -156,7 +156,8 @@ class PrebuiltBatches(Dataset):
         return self.batches[index % len(self.batches)]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock times cover it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -210,11 +211,11 @@ class BareLoop:
         with torch.random.fork_rng(devices=self._rng_devices):
             torch.manual_seed(seed)
             self._rng = self._get_rng()
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         self.captioner.train()
         self.opt, self.sched = module_optimizers(self.module, total_steps)
-        _sync(device)
+        sync_device(device)
         self.setup_ms = (time.perf_counter() - start) * 1e3
 
     def _get_rng(self) -> list[torch.Tensor]:
@@ -236,14 +237,14 @@ class BareLoop:
         """
         with torch.random.fork_rng(devices=self._rng_devices):
             self._set_rng(self._rng)
-            _sync(self.device)
+            sync_device(self.device)
             start = time.perf_counter()
             self.opt.zero_grad()
             loss = self.captioner(batch["pixel_values"], batch["labels"]).loss
             loss.backward()
             self.opt.step()
             self.sched.step()
-            _sync(self.device)
+            sync_device(self.device)
             elapsed = (time.perf_counter() - start) * 1e3
             self._rng = self._get_rng()
         return elapsed, loss.detach()
@@ -284,13 +285,13 @@ class PairedTimer(L.Callback):
     ) -> None:
         if batch_idx % 2 == 0:
             self._bare_step(batch)
-        _sync(self.device)
+        sync_device(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         self.lightning_ms.append((time.perf_counter() - self._start) * 1e3)
         self.lightning_losses.append(float(outputs["loss"]))
         if batch_idx % 2 == 1:
@@ -342,10 +343,10 @@ def run_pair(
             default_root_dir=root,
         )
         torch.manual_seed(seed)
-        _sync(device)
+        sync_device(device)
         fit_start = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader)
-        _sync(device)
+        sync_device(device)
         fit_ms = (time.perf_counter() - fit_start) * 1e3
     if len(timer.lightning_ms) != total or len(timer.bare_ms) != total:
         raise RuntimeError(f"ran {len(timer.lightning_ms)} Lightning / {len(timer.bare_ms)} bare steps, not {total}")
@@ -365,7 +366,8 @@ def run_pair(
     return result
 
 
-def _quartiles(values: Sequence[float]) -> list[float]:
+def quartiles(values: Sequence[float]) -> list[float]:
+    """First and third quartiles (the value twice for a single sample)."""
     if len(values) < 2:
         return [values[0], values[0]]
     q1, _, q3 = statistics.quantiles(values, n=4)
@@ -415,7 +417,7 @@ def bench_preset(
     pairs = [r for rep in reps for r in rep["pair_ratios"]]
     e2e_ratios = [rep["ratio_end_to_end"] for rep in reps]
     ratio_step = statistics.median(pairs)
-    q1, q3 = _quartiles(pairs)
+    q1, q3 = quartiles(pairs)
     ratio_e2e = statistics.median(e2e_ratios)
     return {
         "preset": preset,
