@@ -1,4 +1,4 @@
-"""Lightning callbacks: freezing, adversarial training, robustness evaluation and example-image logging.
+"""Lightning callbacks: freezing, adversarial training, robustness and backdoor evaluation, example-image logging.
 
 On the command line they are appended to the defaults with ``--trainer.callbacks+=callbacks.<Name>`` (options then
 follow as ``--trainer.callbacks.<option>=...``, applying to the callback appended last).
@@ -6,6 +6,7 @@ follow as ``--trainer.callbacks.<option>=...``, applying to the callback appende
 
 from callbacks.adversarial_examples import AdversarialExamples
 from callbacks.adversarial_training import AdversarialTraining
+from callbacks.backdoor import BackdoorEvaluation
 from callbacks.caption_samples import CaptionSamples
 from callbacks.freeze import FreezeDecoder, FreezeEncoder
 from callbacks.robustness import RobustnessEvaluation
@@ -13,6 +14,7 @@ from callbacks.robustness import RobustnessEvaluation
 __all__ = [
     "AdversarialExamples",
     "AdversarialTraining",
+    "BackdoorEvaluation",
     "CaptionSamples",
     "FreezeDecoder",
     "FreezeEncoder",

@@ -12,8 +12,9 @@ class CaptionCollator:
     """Turns dataset items into a batch dict.
 
     The batch holds ``pixel_values`` (B×3×H×W in [0, 1]), ``input_ids`` (caption tokens + EOS, padded with the pad
-    id), ``attention_mask``, ``labels`` (= ``input_ids`` with -100 on padding), ``image_id`` (list) and, for
-    evaluation items, ``references`` (list of lists of str).
+    id), ``attention_mask``, ``labels`` (= ``input_ids`` with -100 on padding), ``image_id`` (list), ``poisoned``
+    (bool tensor of shape ``(B,)``: which images carry a backdoor trigger) and, for evaluation items, ``references``
+    (list of lists of str).
 
     Args:
         tokenizer: Caption tokenizer.
@@ -41,6 +42,7 @@ class CaptionCollator:
             "attention_mask": attention_mask,
             "labels": input_ids.masked_fill(attention_mask.eq(0), -100),
             "image_id": [it["image_id"] for it in items],
+            "poisoned": torch.tensor([bool(it.get("poisoned", False)) for it in items], dtype=torch.bool),
         }
         if "references" in items[0]:
             batch["references"] = [it["references"] for it in items]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from datamodules.collate import CaptionCollator
 from datamodules.datasets import CaptionImages, CaptionPairs, ImageStore
 from datamodules.errors import DataError, RobucapError
 from datamodules.formats import load_split
+from datamodules.images import load_image_uint8
+from datamodules.poisoning.config import PoisonConfig
+from datamodules.poisoning.poisoned import PoisonedSplit, check_cache_outside, poison_split
 from datamodules.records import ImageRecord
-from datamodules.tokenizer import build_word_tokenizer, load_tokenizer
+from datamodules.tokenizer import build_word_tokenizer, load_tokenizer, unknown_words
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ class CaptionDataModule(L.LightningDataModule):
         cache_images: Keep decoded images in memory; ``None`` decides by size (under 2 GiB per split).
         format_options: Extra options of the format loader (e.g. ``{"image_dir": "Flicker8k_Dataset"}``).
         shapes: Generator options for ``format: shapes`` (see ``datamodules.shapes.ShapesConfig``).
+        poison: Backdoor poisoning options (see :class:`~datamodules.poisoning.config.PoisonConfig`), or ``None``
+            for clean data. Training and validation are poisoned at ``rate``; the test split gains a poisoned copy
+            of every image the trigger can act on. The target caption's words join a built tokenizer.
         progress: Show progress bars while generating or decoding.
     """
 
@@ -66,6 +73,7 @@ class CaptionDataModule(L.LightningDataModule):
         cache_images: bool | None = None,
         format_options: dict[str, Any] | None = None,
         shapes: dict[str, Any] | None = None,
+        poison: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -93,6 +101,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.format_options = dict(format_options or {})
         self.shapes_options = dict(shapes or {})
+        self.poison = PoisonConfig.from_dict(poison) if poison is not None else None
+        if self.poison is not None:
+            check_cache_outside(self.poison.cache_dir, self.root)
+        self.poisoned: dict[str, PoisonedSplit] = {}
         self.progress = progress
         self.tokenizer: PreTrainedTokenizerFast | None = None
         self.records: dict[str, list[ImageRecord]] = {}
@@ -107,13 +119,28 @@ class CaptionDataModule(L.LightningDataModule):
             config = ShapesConfig(**{"image_size": self.image_size, **self.shapes_options})
             if not shapes_ready(self.root, config):
                 generate_shapes(self.root, config, progress=self.progress)
+        if self.poison is not None:
+            # Poisoned images are written once here (rank 0); other ranks read the finished cache in setup().
+            for split in SPLITS:
+                try:
+                    self.load_records(split)
+                except DataError:
+                    if split == "train":
+                        raise
+                    log.warning("no %s split to poison", split)
 
     def load_records(self, split: str) -> list[ImageRecord]:
         """Records of one split, limited by ``limit_<split>``, loaded once."""
         if split not in self.records:
             records = load_split(self.format, self.root, split, **self.format_options)
             limit = self.limits[split]
-            self.records[split] = records[:limit] if limit else records
+            records = records[:limit] if limit else records
+            if self.poison is not None:
+                self.poisoned[split] = poison_split(
+                    records, split, self.poison, self.image_size, self.root, progress=self.progress
+                )
+                records = self.poisoned[split].records
+            self.records[split] = records
         return self.records[split]
 
     def _cache(self, records: list[ImageRecord]) -> bool:
@@ -146,10 +173,39 @@ class CaptionDataModule(L.LightningDataModule):
             self.setup("fit")
         return CaptionImages(self.datasets["train"].store)
 
+    def poison_pairs(self, split: str = "val", n: int = 8) -> list[dict[str, Any]]:
+        """Clean / poisoned versions of the first ``n`` poisoned images of a split (for example tables and figures).
+
+        Args:
+            split: ``train``, ``val`` or ``test``.
+            n: Number of pairs.
+
+        Returns:
+            Dicts with ``image_id``, ``clean`` and ``poisoned`` (``torch.uint8``, ``(3, S, S)``); empty for clean data.
+        """
+        if self.poison is None:
+            return []
+        self.load_records(split)
+        poisoned = self.poisoned[split]
+        manifest = json.loads(poisoned.manifest.read_text(encoding="utf-8"))
+        pairs = []
+        for item in manifest["items"][:n]:
+            pairs.append(
+                {
+                    "image_id": item["image_id"],
+                    "clean": load_image_uint8(Path(item["source"]), self.image_size),
+                    "poisoned": load_image_uint8(poisoned.manifest.parent / item["output"], self.image_size),
+                }
+            )
+        return pairs
+
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
         """Load ``tokenizer`` if given, else build a word-level tokenizer from the training captions."""
         if self.tokenizer_dir:
-            return load_tokenizer(self.tokenizer_dir)
+            tokenizer = load_tokenizer(self.tokenizer_dir)
+            if self.poison is not None:
+                check_target_caption(tokenizer, self.poison.target_caption, f"the tokenizer in {self.tokenizer_dir}")
+            return tokenizer
         try:
             train = self.load_records("train")
         except DataError as err:
@@ -157,18 +213,31 @@ class CaptionDataModule(L.LightningDataModule):
                 f"cannot build a tokenizer without the training captions ({err}); pass data.tokenizer=<directory> "
                 "or evaluate from a checkpoint, which carries its tokenizer"
             ) from err
-        return build_word_tokenizer(
-            (c for r in train for c in r.captions), min_freq=self.min_freq, extra_words=self.extra_words
-        )
+        extra = list(self.extra_words) + ([self.poison.target_caption] if self.poison is not None else [])
+        return build_word_tokenizer((c for r in train for c in r.captions), min_freq=self.min_freq, extra_words=extra)
 
     def describe(self) -> dict[str, Any]:
         """Name, split sizes (images) and image size, for results.json."""
-        return {
+        info: dict[str, Any] = {
             "name": self.format,
             "root": str(self.root),
             "splits": {s: len(self.records[s]) for s in SPLITS if s in self.records},
             "image_size": self.image_size,
         }
+        if self.poison is not None:
+            info["poison"] = {
+                **self.poison.as_dict(),
+                "splits": {
+                    s: {
+                        "n_images": p.n_images,
+                        "n_poisoned": p.n_poisoned,
+                        "n_skipped": p.n_skipped,
+                        "manifest": str(p.manifest),
+                    }
+                    for s, p in self.poisoned.items()
+                },
+            }
+        return info
 
     # -- loaders ------------------------------------------------------------------------------------------------
     def _collator(self) -> CaptionCollator:
@@ -197,3 +266,23 @@ class CaptionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def check_target_caption(tokenizer: PreTrainedTokenizerFast, target_caption: str, where: str) -> None:
+    """Fail when a fixed tokenizer cannot represent the backdoor target caption.
+
+    Args:
+        tokenizer: The tokenizer the model will use.
+        target_caption: The attacker's target caption.
+        where: Names the tokenizer in the message (e.g. its directory or checkpoint).
+
+    Raises:
+        DataError: When a word of the target maps to the unknown token.
+    """
+    missing = unknown_words(tokenizer, target_caption)
+    if missing:
+        raise DataError(
+            f"the backdoor target caption {target_caption!r} has words that {where} cannot represent: "
+            f"{', '.join(sorted(set(missing)))}; choose a target made of known words or build the tokenizer from the "
+            "poisoned data (leave data.tokenizer unset)"
+        )

@@ -55,7 +55,7 @@ class ImageStore:
 class CaptionPairs(Dataset):
     """Training view: one item per (image, caption) pair.
 
-    Items are dicts with ``pixel_values`` (3×S×S in [0, 1]), ``caption`` (str) and ``image_id``.
+    Items are dicts with ``pixel_values`` (3×S×S in [0, 1]), ``caption`` (str), ``image_id`` and ``poisoned``.
     """
 
     def __init__(self, store: ImageStore) -> None:
@@ -68,14 +68,19 @@ class CaptionPairs(Dataset):
     def __getitem__(self, item: int) -> dict[str, Any]:
         i, c = self.index[item]
         record = self.store.records[i]
-        return {"pixel_values": self.store.image(i), "caption": record.captions[c], "image_id": record.image_id}
+        return {
+            "pixel_values": self.store.image(i),
+            "caption": record.captions[c],
+            "image_id": record.image_id,
+            "poisoned": record.poisoned,
+        }
 
 
 class CaptionImages(Dataset):
     """Evaluation view: one item per unique image with all its references.
 
     Items are dicts with ``pixel_values``, ``references`` (list of str), ``caption`` (the first reference, for the
-    teacher-forced loss) and ``image_id``.
+    teacher-forced loss), ``image_id`` and ``poisoned``.
     """
 
     def __init__(self, store: ImageStore) -> None:
@@ -91,4 +96,5 @@ class CaptionImages(Dataset):
             "caption": record.captions[0],
             "references": list(record.captions),
             "image_id": record.image_id,
+            "poisoned": record.poisoned,
         }

@@ -36,6 +36,7 @@ class ImageRecord:
         boxes: Object regions when the format carries them (COCO ``instances_*.json``), else empty.
         width: Source image width in pixels when known from the annotations, else 0.
         height: Source image height in pixels when known from the annotations, else 0.
+        poisoned: The image carries a backdoor trigger (and its captions are the attacker's target).
     """
 
     image_id: int | str
@@ -44,3 +45,4 @@ class ImageRecord:
     boxes: tuple[Box, ...] = field(default_factory=tuple)
     width: int = 0
     height: int = 0
+    poisoned: bool = False

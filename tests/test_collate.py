@@ -41,7 +41,9 @@ def _words(tokenizer: PreTrainedTokenizerFast, caption: str) -> list[int]:
 def test_batch_shapes_and_keys(tokenizer: PreTrainedTokenizerFast) -> None:
     batch = CaptionCollator(tokenizer)(_items(CAPTIONS))
     longest = len(_words(tokenizer, CAPTIONS[1])) + 1
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels", "image_id"}
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels", "image_id", "poisoned"}
+    # Items without the flag (clean data from elsewhere) count as clean.
+    assert batch["poisoned"].tolist() == [False, False, False]
     assert batch["pixel_values"].shape == (3, 3, 8, 8)
     assert torch.equal(batch["pixel_values"][2], torch.full((3, 8, 8), 0.2))
     for key in ("input_ids", "attention_mask", "labels"):

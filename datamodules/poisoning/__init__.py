@@ -1,7 +1,9 @@
-"""Data poisoning for backdoor attacks on captioners: object region sources and image triggers."""
+"""Data poisoning for backdoor attacks on captioners: region sources, triggers and poisoned splits."""
 
 from __future__ import annotations
 
+from datamodules.poisoning.config import DEFAULT_TARGET_CAPTION, PoisonConfig
+from datamodules.poisoning.poisoned import PoisonedSplit, check_cache_outside, poison_split, poisoned_image_id
 from datamodules.poisoning.regions import (
     DETECTOR_ARCHS,
     REGION_SOURCES,
@@ -21,6 +23,12 @@ from datamodules.poisoning.triggers import (
 )
 
 __all__ = [
+    "DEFAULT_TARGET_CAPTION",
+    "PoisonConfig",
+    "PoisonedSplit",
+    "check_cache_outside",
+    "poison_split",
+    "poisoned_image_id",
     "DETECTOR_ARCHS",
     "REGION_SOURCES",
     "TRIGGER_NAMES",
