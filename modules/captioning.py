@@ -27,13 +27,14 @@ class CaptioningModule(L.LightningModule):
     the checkpoint being loaded, which carries its tokenizer as plain JSON).
 
     Args:
-        arch: Captioner architecture (``vit_gpt2``).
+        arch: Captioner architecture (``vit_gpt2`` or ``show_attend_tell``).
         preset: ``tiny``, ``base`` or ``pretrained``.
         image_size: Input side in pixels; the CLI links it to ``data.image_size``.
         pretrained_dir: Full VisionEncoderDecoder directory for ``preset: pretrained``.
         encoder_dir: ViT directory for ``preset: pretrained`` (with ``decoder_dir``).
         decoder_dir: GPT-2 directory for ``preset: pretrained`` (with ``encoder_dir``).
         overrides: Config fields changed in a random-init preset, ``{"encoder": {...}, "decoder": {...}}``.
+        encoder_weights: Local torchvision ResNet state_dict for the Show-Attend-Tell encoder.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
         betas: AdamW betas.
@@ -54,6 +55,7 @@ class CaptioningModule(L.LightningModule):
         encoder_dir: str | None = None,
         decoder_dir: str | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
+        encoder_weights: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -109,6 +111,8 @@ class CaptioningModule(L.LightningModule):
         if self.captioner is not None or self.tokenizer is None:
             return
         hp = self.hparams
+        # Only show_attend_tell knows encoder_weights; the vit_gpt2 builder keeps its own signature.
+        extra = {"encoder_weights": hp.encoder_weights} if hp.arch == "show_attend_tell" else {}
         self.captioner = build_captioner(
             hp.arch,
             VocabInfo.from_tokenizer(self.tokenizer),
@@ -118,6 +122,7 @@ class CaptioningModule(L.LightningModule):
             encoder_dir=hp.encoder_dir,
             decoder_dir=hp.decoder_dir,
             overrides=hp.overrides,
+            **extra,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -182,7 +187,13 @@ class CaptioningModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_samples = []
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Loss, greedy captions and BLEU statistics of one batch.
+
+        Returns:
+            ``{"predictions": [...]}``: the generated captions, so callbacks (e.g. backdoor evaluation) can reuse them
+            in ``on_validation_batch_end`` instead of generating again.
+        """
         images = batch["pixel_values"]
         loss = self.captioner(images, batch["labels"]).loss
         self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
@@ -198,6 +209,7 @@ class CaptioningModule(L.LightningModule):
                     "references": batch["references"][i],
                 }
             )
+        return {"predictions": predictions}
 
     def on_validation_epoch_end(self) -> None:
         # CaptionBLEU syncs and de-duplicates image ids itself, so every rank holds the same exact values.

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from datamodules.collate import CaptionCollator
 from modules.attacks.base import Attack
 from modules.captioning import CaptioningModule
-from modules.metrics import CaptionBLEU
+from modules.metrics import CaptionBLEU, TargetCaptionRate
 
 
 def evaluation_loader(
@@ -56,3 +56,43 @@ def bleu_of(records: list[dict[str, Any]]) -> dict[str, float]:
         [r["prediction"] for r in records], [r["references"] for r in records], [r["image_id"] for r in records]
     )
     return {k: float(v) for k, v in metric.compute().items()}
+
+
+def backdoor_scores(
+    module: CaptioningModule, dataset: Dataset, target_caption: str, batch_size: int = 128, desc: str = ""
+) -> dict[str, Any]:
+    """Paper 001's test figures on a poisoned test split (clean images plus triggered copies).
+
+    Clean images give BLEU-1..4 against their references and the false trigger rate; triggered images (items with
+    ``poisoned`` set) give the attack success rate, exact and relaxed (sentence BLEU-4 to the target >= 0.9).
+
+    Returns:
+        ``{"test_clean": {bleu1..bleu4}, "asr", "asr_relaxed", "ftr", "n_clean", "n_poisoned", "records"}``; the
+        rates are fractions in [0, 1] (``asr`` is ``None`` when there is no triggered image).
+    """
+    loader = evaluation_loader(module, dataset, None, batch_size)
+    clean: list[dict[str, Any]] = []
+    triggered: list[dict[str, Any]] = []
+    module.eval()
+    device = next(module.parameters()).device
+    for batch in tqdm(loader, desc=desc or "captioning", leave=False, disable=not desc):
+        with torch.no_grad():
+            predictions = module.caption(batch["pixel_values"].to(device))
+        for image_id, prediction, refs, poisoned in zip(
+            batch["image_id"], predictions, batch["references"], batch["poisoned"].tolist(), strict=True
+        ):
+            record = {"image_id": image_id, "prediction": prediction, "references": list(refs)}
+            (triggered if poisoned else clean).append(record)
+    asr, ftr = TargetCaptionRate(target_caption), TargetCaptionRate(target_caption)
+    asr.update([r["prediction"] for r in triggered], [r["image_id"] for r in triggered])
+    ftr.update([r["prediction"] for r in clean], [r["image_id"] for r in clean])
+    asr_values, ftr_values = asr.compute(), ftr.compute()
+    return {
+        "test_clean": bleu_of(clean),
+        "asr": float(asr_values["rate"]) if triggered else None,
+        "asr_relaxed": float(asr_values["rate_relaxed"]) if triggered else None,
+        "ftr": float(ftr_values["rate"]),
+        "n_clean": len(clean),
+        "n_poisoned": len(triggered),
+        "records": {"clean": clean, "poisoned": triggered},
+    }

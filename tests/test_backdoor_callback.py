@@ -39,12 +39,8 @@ class RuleModel(L.LightningModule):
         self.tokenizer = self.trainer.datamodule.tokenizer
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        flags = batch["poisoned"].tolist()
-        return {
-            "predictions": [
-                _prediction(i, p, refs) for i, p, refs in zip(batch["image_id"], flags, batch["references"], strict=True)
-            ]
-        }
+        rows = zip(batch["image_id"], batch["poisoned"].tolist(), batch["references"], strict=True)
+        return {"predictions": [_prediction(i, p, refs) for i, p, refs in rows]}
 
     def caption(self, pixel_values: torch.Tensor) -> list[str]:
         # The pair table captions raw images: call bright-cornered (BadNets) images triggered.

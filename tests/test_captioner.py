@@ -379,7 +379,8 @@ def test_image_size_not_a_multiple_of_the_patch_size(vocab: VocabInfo) -> None:
 
 
 def test_other_build_errors(vocab: VocabInfo, pretrained: dict) -> None:
-    with pytest.raises(RobucapError, match=r"unknown captioner architecture 'lstm'; expected one of \['vit_gpt2'\]"):
+    message = r"unknown captioner architecture 'lstm'; expected one of \['vit_gpt2', 'show_attend_tell'\]"
+    with pytest.raises(RobucapError, match=message):
         build_captioner("lstm", vocab, IMAGE_SIZE)
     with pytest.raises(RobucapError, match=r"overrides accept the keys 'encoder' and 'decoder', got \['vit'\]"):
         build_captioner("vit_gpt2", vocab, IMAGE_SIZE, overrides={"vit": {}})

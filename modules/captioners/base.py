@@ -18,11 +18,16 @@ class CaptionerOutput:
 
     Attributes:
         logits: Next-token logits. Shape: ``(B, T, V)``.
-        loss: Mean cross-entropy over the non-padding label positions (scalar).
+        loss: Training loss (scalar): the mean cross-entropy over the non-padding label positions, plus the
+            architecture's own regulariser if it has one (Show-Attend-Tell's doubly stochastic attention term).
+            The pure cross-entropy is always ``caption_loss(logits, labels)``.
+        attention: Attention weights over the image positions, for captioners that attend to a grid
+            (Show-Attend-Tell); ``None`` otherwise. Shape: ``(B, T, L)``.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor
+    attention: torch.Tensor | None = None
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -44,6 +49,18 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "m
     if reduction == "sum":
         return (token_loss * mask).sum()
     return (token_loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+def shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
+    """Teacher-forcing decoder inputs: the start token, then the labels shifted right, pad where labels are -100.
+
+    Shape:
+        ``(B, T)`` in, ``(B, T)`` out.
+    """
+    shifted = labels.new_full(labels.shape, pad)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted.masked_fill(shifted.eq(-100), pad)
 
 
 class ImageNormalize(nn.Module):

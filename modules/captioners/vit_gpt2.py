@@ -13,7 +13,7 @@ from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDe
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo
-from modules.captioners.base import Captioner, CaptionerOutput, ImageNormalize, caption_loss
+from modules.captioners.base import Captioner, CaptionerOutput, ImageNormalize, caption_loss, shift_right
 
 # ViT checkpoints (google/vit-*) are trained on inputs normalised with mean = std = 0.5.
 VIT_MEAN = (0.5, 0.5, 0.5)
@@ -95,7 +95,7 @@ class ViTGPT2Captioner(Captioner):
         return parts[0] if len(parts) == 1 else nn.ModuleList(parts)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> CaptionerOutput:
-        decoder_input_ids = _shift_right(labels, self.vocab.bos_token_id, self.vocab.pad_token_id)
+        decoder_input_ids = shift_right(labels, self.vocab.bos_token_id, self.vocab.pad_token_id)
         # Position t attends to the start token and labels[:t]; padding sits at the end, after the last label.
         attention_mask = torch.ones_like(decoder_input_ids)
         attention_mask[:, 1:] = labels[:, :-1].ne(-100)
@@ -122,13 +122,6 @@ class ViTGPT2Captioner(Captioner):
         is_eos = tokens.eq(self.vocab.eos_token_id).long()
         after_eos = (is_eos.cumsum(1) - is_eos).gt(0)
         return tokens.masked_fill(after_eos, self.vocab.pad_token_id)
-
-
-def _shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
-    shifted = labels.new_full(labels.shape, pad)
-    shifted[:, 1:] = labels[:, :-1]
-    shifted[:, 0] = start
-    return shifted.masked_fill(shifted.eq(-100), pad)
 
 
 def build_vit_gpt2(
