@@ -188,9 +188,20 @@ def stage_freeze_study(ctx: DemoContext) -> None:
     )
 
 
+def stage_backdoor_study(ctx: DemoContext) -> None:
+    """Paper 001's benign / BadNets / object-noise models on the demo's data (issue 4)."""
+    from lightning_app.studies.backdoor import run_and_report, study_settings
+
+    cfg = study_settings(ctx.profile, wandb=ctx.wandb, cache_dir=str(ctx.out / "poison_cache"))
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    data = {"format": "coco", "root": str(ctx.data_root), "image_size": datamodule.image_size}
+    ctx.results["backdoor_study"] = run_and_report(data, ctx.out / "backdoor_study", cfg, ctx.report)
+
+
 register_stage("data", stage_data)
 register_stage("baseline", stage_baseline)
 register_stage("freeze_study", stage_freeze_study)
+register_stage("backdoor_study", stage_backdoor_study)
 
 
 def run_demo(out: Path, data_root: Path, profile: str = "quick", seed: int = 0, wandb: bool = True) -> DemoContext:
@@ -221,8 +232,13 @@ def demo_main(argv: list[str]) -> int:
     ctx = run_demo(Path(args.out), Path(args.data), args.profile, args.seed, wandb=not args.no_wandb)
     test = ctx.results.get("baseline", {}).get("test", {})
     bleu4, cider = test.get("bleu4", float("nan")), test.get("cider", float("nan"))
+    backdoor = ""
+    if "backdoor_study" in ctx.results:
+        from lightning_app.studies.backdoor import summary
+
+        backdoor = f"; backdoor: {summary(ctx.results['backdoor_study'])}"
     print(
-        f"robucap demo done in {ctx.results['seconds']:.0f} s: baseline test BLEU-4 {bleu4:.3f}, CIDEr {cider:.3f}; "
-        f"report: {ctx.out / 'report.html'}"
+        f"robucap demo done in {ctx.results['seconds']:.0f} s: baseline test BLEU-4 {bleu4:.3f}, CIDEr {cider:.3f}"
+        f"{backdoor}; report: {ctx.out / 'report.html'}"
     )
     return 0

@@ -6,12 +6,13 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from lightning_app.report import Report
 
-STUDIES = ("freeze",)
+STUDIES = ("freeze", "backdoor")
 
 
 def study_main(argv: list[str]) -> int:
@@ -23,40 +24,79 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--data-format", default="shapes", help="dataset format (default: the built-in shapes)")
     parser.add_argument("--data-root", default="data/shapes", help="dataset directory (shapes: created if missing)")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epsilon", type=float, default=None, help="FGSM budget in [0, 1] pixel units")
-    parser.add_argument("--trials", type=int, default=None, help="seeds for the freeze phases")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="seed (freeze: 0, backdoor: 2021)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
+    freeze = parser.add_argument_group("freeze study")
+    freeze.add_argument("--epsilon", type=float, default=None, help="FGSM budget in [0, 1] pixel units")
+    freeze.add_argument("--trials", type=int, default=None, help="seeds for the freeze phases")
+    backdoor = parser.add_argument_group("backdoor study")
+    backdoor.add_argument("--arch", default=None, help="victim captioner: show_attend_tell (default) or vit_gpt2")
+    backdoor.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    backdoor.add_argument("--rate", type=float, default=None, help="poisoning rate in [0, 1] (default 0.3)")
+    backdoor.add_argument("--alpha", type=float, default=None, help="object-noise intensity in [0, 1] (20/255)")
+    backdoor.add_argument("--target", default=None, help="target caption (default 'you are under attack')")
+    backdoor.add_argument("--cache-dir", default=None, help="poisoned-image cache (default .cache/poison)")
     args = parser.parse_args(argv)
     if args.name not in STUDIES:
         raise RobucapError(f"unknown study {args.name!r}; expected one of {list(STUDIES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    from lightning_app.studies.freeze import run_and_report, study_settings
-
-    overrides = {k: v for k, v in {"epsilon": args.epsilon, "trials": args.trials}.items() if v is not None}
-    cfg = study_settings(args.profile, seed=args.seed, wandb=not args.no_wandb, **overrides)
     shapes = {"n_train": 48, "n_val": 8, "n_test": 8} if args.profile == "smoke" else {}
-    datamodule = CaptionDataModule(
-        format=args.data_format, root=args.data_root, image_size=args.image_size, batch_size=cfg.batch_size,
-        shapes={**shapes, "seed": args.seed},
-    )  # fmt: skip
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
     report = Report(f"robucap study {args.name}")
-    block = run_and_report(datamodule, out, cfg, report)
-    results = {"dataset": {**datamodule.describe(), "name": args.data_format}, "freeze_study": block}
+    if args.name == "freeze":
+        results, line = _freeze(args, out, shapes, report)
+    else:
+        results, line = _backdoor(args, out, shapes, report)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["report"] = str(out / "report.html")
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
     report.write(out / "report.html")
-    rows = {r["name"]: r for r in block["rows"]}
-    print(
-        f"robucap study freeze done in {results['seconds']:.0f} s: test BLEU-4 clean/FGSM baseline "
-        f"{rows['baseline']['test']['clean']['bleu4']:.3f}/{rows['baseline']['test']['adversarial']['bleu4']:.3f}, "
-        f"adversarial training {rows['adversarial_training']['test']['clean']['bleu4']:.3f}/"
-        f"{rows['adversarial_training']['test']['adversarial']['bleu4']:.3f}; report: {out / 'report.html'}"
-    )
+    print(f"robucap study {args.name} done in {results['seconds']:.0f} s: {line}; report: {out / 'report.html'}")
     return 0
+
+
+def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
+    """Options the user set, renamed to config fields."""
+    return {field: getattr(args, arg) for field, arg in names.items() if getattr(args, arg) is not None}
+
+
+def _freeze(args: argparse.Namespace, out: Path, shapes: dict[str, Any], report: Report) -> tuple[dict, str]:
+    from lightning_app.studies.freeze import run_and_report, study_settings
+
+    seed = 0 if args.seed is None else args.seed
+    cfg = study_settings(args.profile, seed=seed, wandb=not args.no_wandb, **_given(args, epsilon="epsilon",
+                         trials="trials"))  # fmt: skip
+    datamodule = CaptionDataModule(
+        format=args.data_format, root=args.data_root, image_size=args.image_size, batch_size=cfg.batch_size,
+        shapes={**shapes, "seed": seed},
+    )  # fmt: skip
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    block = run_and_report(datamodule, out, cfg, report)
+    rows = {r["name"]: r for r in block["rows"]}
+    line = (
+        f"test BLEU-4 clean/FGSM baseline {rows['baseline']['test']['clean']['bleu4']:.3f}/"
+        f"{rows['baseline']['test']['adversarial']['bleu4']:.3f}, adversarial training "
+        f"{rows['adversarial_training']['test']['clean']['bleu4']:.3f}/"
+        f"{rows['adversarial_training']['test']['adversarial']['bleu4']:.3f}"
+    )
+    return {"dataset": {**datamodule.describe(), "name": args.data_format}, "freeze_study": block}, line
+
+
+def _backdoor(args: argparse.Namespace, out: Path, shapes: dict[str, Any], report: Report) -> tuple[dict, str]:
+    from lightning_app.studies.backdoor import run_and_report, study_settings, summary
+
+    overrides = _given(args, seed="seed", arch="arch", epochs="epochs", rate="rate", alpha="alpha",
+                       target_caption="target", cache_dir="cache_dir")  # fmt: skip
+    cfg = study_settings(args.profile, wandb=not args.no_wandb, **overrides)
+    data = {
+        "format": args.data_format,
+        "root": args.data_root,
+        "image_size": args.image_size,
+        # The shapes data itself is fixed (seed 0); cfg.seed drives poisoning and training.
+        "shapes": shapes,
+    }
+    block = run_and_report(data, out, cfg, report)
+    return {"dataset": {**data, "poison": block["dataset"]}, "backdoor_study": block}, summary(block)
