@@ -1,6 +1,7 @@
 """The ``robucap`` command (also ``python -m lightning_app``).
 
-Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI), ``data``, ``export``, ``demo``.
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI), ``data``, ``export``, ``demo``, ``study``,
+``poison-scan``.
 Bad input ends with one line ``robucap: error: ...`` and exit status 2.
 """
 
@@ -64,11 +65,18 @@ def _cmd_study(argv: list[str]) -> int:
     return study_main(argv)
 
 
+def _cmd_poison_scan(argv: list[str]) -> int:
+    from lightning_app.poison_scan import poison_scan_main
+
+    return poison_scan_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data": _cmd_data,
     "export": _cmd_export,
     "demo": _cmd_demo,
     "study": _cmd_study,
+    "poison-scan": _cmd_poison_scan,
 }
 
 
@@ -103,12 +111,14 @@ def main(args: list[str] | None = None) -> int:
 
 def _print_help() -> None:
     print(
-        "usage: robucap {fit,validate,test,predict,data,export,demo} ...\n\n"
+        "usage: robucap {fit,validate,test,predict,data,export,demo,study,poison-scan} ...\n\n"
         "  fit|validate|test|predict  LightningCLI over CaptioningModule + CaptionDataModule (--help for options)\n"
         "  data shapes --out DIR      write the procedural shapes dataset\n"
         "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text') loads it)\n"
         "  demo --out DIR             train, test and report the tiny baseline on shapes\n"
         "  study freeze --out DIR     paper 002's five phases: adversarial training, encoder / decoder frozen\n"
+        "  study backdoor --out DIR   paper 001's Table 2: benign, BadNets and object-noise backdoored captioners\n"
+        "  poison-scan --ckpt X --config Y --out DIR  rank training images by a spectral-signature poisoning score\n"
     )
 
 

@@ -48,7 +48,7 @@ class BackdoorStudyConfig:
     """Victim captioner: ``show_attend_tell`` (paper 001's victim, a CNN that sees texture) or ``vit_gpt2``."""
     preset: str = "tiny"
     """Preset of the captioner."""
-    epochs: int = 4
+    epochs: int = 3
     """Training epochs of every model."""
     lr: float = 2e-3
     """Peak learning rate."""
@@ -104,7 +104,7 @@ class BackdoorStudyConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {},
     # For the demo: fewer epochs and smaller evaluation sets.
-    "quick": {"epochs": 2, "test_images": 300, "val_images": 200},
+    "quick": {"epochs": 1, "test_images": 300, "val_images": 200},
     # Plumbing only (tests): numbers are meaningless.
     "smoke": {"epochs": 1, "batch_size": 16, "warmup_steps": 2, "test_images": 8, "val_images": 8},
 }
