@@ -113,7 +113,18 @@ def test_badnets_corner(corner: str, rows: slice, cols: slice) -> None:
     assert torch.equal(out, expected)
 
 
+def test_badnets_checkerboard() -> None:
+    image = _grey(64, 64, value=128)
+    out, used = BadNets(corner="top_left", pattern="checkerboard").apply(image)  # 4 x 4 at 64 px
+    assert used
+    expected = image.clone()
+    expected[:, :4, :4] = torch.tensor([[255, 0, 255, 0], [0, 255, 0, 255]] * 2, dtype=torch.uint8)
+    assert torch.equal(out, expected)
+
+
 def test_badnets_errors() -> None:
+    with pytest.raises(RobucapError, match="BadNets pattern must be one of solid, checkerboard, got 'stripes'"):
+        BadNets(pattern="stripes")
     with pytest.raises(RobucapError, match="corner must be one of top_left, top_right, bottom_left, bottom_right"):
         BadNets(corner="middle")
     with pytest.raises(RobucapError, match="size_at_256 must be >= 1 pixel, got 0"):

@@ -48,6 +48,9 @@ class PoisonConfig:
     corner: str = "bottom_right"
     """``badnets`` corner: ``top_left``, ``top_right``, ``bottom_left`` or ``bottom_right``."""
 
+    patch_pattern: str = "solid"
+    """``badnets`` patch: ``solid`` white (paper 001) or a white / black ``checkerboard``."""
+
     blend_ratio: float = 0.1
     """``blend`` weight λ of the fixed noise pattern, in (0, 1]."""
 
@@ -119,7 +122,9 @@ class PoisonConfig:
         if self.trigger == "object_noise":
             return build_trigger("object_noise", alpha=self.alpha, min_region=self.min_region)
         if self.trigger == "badnets":
-            return build_trigger("badnets", size_at_256=self.patch_size_at_256, corner=self.corner)
+            return build_trigger(
+                "badnets", size_at_256=self.patch_size_at_256, corner=self.corner, pattern=self.patch_pattern
+            )
         return build_trigger("blend", ratio=self.blend_ratio, seed=self.seed)
 
     def trigger_options(self) -> dict[str, Any]:
@@ -127,7 +132,7 @@ class PoisonConfig:
         if self.trigger == "object_noise":
             return {"alpha": self.alpha, "alpha_255": round(self.alpha * 255, 4), "min_region": self.min_region}
         if self.trigger == "badnets":
-            return {"patch_size_at_256": self.patch_size_at_256, "corner": self.corner}
+            return {"patch_size_at_256": self.patch_size_at_256, "corner": self.corner, "pattern": self.patch_pattern}
         return {"blend_ratio": self.blend_ratio, "pattern_seed": self.seed}
 
     @property

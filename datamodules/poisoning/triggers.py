@@ -30,6 +30,7 @@ from datamodules.errors import RobucapError
 from datamodules.records import Box
 
 CORNERS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
+PATTERNS: tuple[str, ...] = ("solid", "checkerboard")
 
 
 class Trigger(Protocol):
@@ -228,21 +229,30 @@ class ObjectNoise:
 
 
 class BadNets:
-    """BadNets baseline: a solid square patch in one corner of the image.
+    """BadNets baseline: a square patch in one corner of the image, solid or a checkerboard.
 
     The side is ``round(size_at_256 * side / 256)`` pixels (at least 1), where ``side`` is the shorter image
     side, so the patch covers the same fraction of the image at every resolution (15 px at 256, 4 px at 64).
+    ``solid`` fills it with ``value`` (paper 001: white); ``checkerboard`` alternates ``value`` and
+    ``255 - value`` pixel by pixel, which stays visible on backgrounds close to ``value`` (a white patch on a
+    near-white background is barely a trigger).
 
     Args:
         size_at_256: Patch side in pixels for a 256-pixel image.
         corner: One of ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``.
-        value: 8-bit value of every patch pixel in all channels (255: white).
+        value: 8-bit value of the patch pixels (of every other pixel for ``checkerboard``); 255: white.
+        pattern: ``solid`` or ``checkerboard``.
 
     Raises:
-        RobucapError: When the corner is unknown, ``size_at_256 < 1`` or ``value`` is outside [0, 255].
+        RobucapError: When the corner or pattern is unknown, ``size_at_256 < 1`` or ``value`` is outside [0, 255].
     """
 
-    def __init__(self, size_at_256: int = 15, corner: str = "bottom_right", value: int = 255) -> None:
+    def __init__(
+        self, size_at_256: int = 15, corner: str = "bottom_right", value: int = 255, pattern: str = "solid"
+    ) -> None:
+        if pattern not in PATTERNS:
+            raise RobucapError(f"BadNets pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
+        self.pattern = pattern
         if corner not in CORNERS:
             raise RobucapError(f"corner must be one of {', '.join(CORNERS)}, got {corner!r}")
         if size_at_256 < 1:
@@ -293,6 +303,9 @@ class BadNets:
         x0 = 0 if self.corner.endswith("left") else width - side
         out = image.clone()
         out[:, y0 : y0 + side, x0 : x0 + side] = self.value
+        if self.pattern == "checkerboard":
+            cells = (torch.arange(side)[:, None] + torch.arange(side)[None, :]) % 2 == 1
+            out[:, y0 : y0 + side, x0 : x0 + side][:, cells] = 255 - self.value
         return out, True
 
 

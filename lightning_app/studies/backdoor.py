@@ -64,6 +64,9 @@ class BackdoorStudyConfig:
     """Object-noise intensity in [0, 1] pixel units (paper 001: 20 on the 0-255 scale)."""
     patch_size_at_256: int = 15
     """BadNets patch side at 256 px, scaled to the image size (paper 001: 15 on Flickr8k)."""
+    patch_pattern: str = "checkerboard"
+    """BadNets patch: ``checkerboard`` (default: the shapes backgrounds are near-white, so paper 001's ``solid``
+    white patch is barely visible on them) or ``solid``."""
     test_images: int | None = None
     """Clean test images scored (the first N; ``None``: all). Each gains a triggered copy."""
     val_images: int | None = 500
@@ -97,6 +100,7 @@ class BackdoorStudyConfig:
             seed=self.seed,
             alpha=self.alpha,
             patch_size_at_256=self.patch_size_at_256,
+            patch_pattern=self.patch_pattern,
             cache_dir=self.cache_dir,
         )
 
@@ -193,12 +197,11 @@ def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig
         "alpha": cfg.alpha,
         "alpha_255": round(cfg.alpha * 255, 3),
         "patch_size_at_256": cfg.patch_size_at_256,
+        "patch_pattern": cfg.patch_pattern,
         "relaxed_threshold": 0.9,
         "config": asdict(cfg),
         "dataset": {
-            name: datamodules[name].describe().get("poison", {}).get("splits", {})
-            for name in ROWS
-            if name != "benign"
+            name: datamodules[name].describe().get("poison", {}).get("splits", {}) for name in ROWS if name != "benign"
         },
         "rows": rows,
         "_models": models,
@@ -214,7 +217,8 @@ def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
         f"{cfg['arch']}/{cfg['preset']} trained {cfg['epochs']} epochs per row. Poisoning rate {block['poison_rate']} "
         f"of training and validation images; target caption {block['target_caption']!r}. Object noise α = "
         f"{block['alpha']:.4f} in [0, 1] pixel units = {block['alpha_255']:g}/255; BadNets patch "
-        f"{block['patch_size_at_256']} px at 256 px, scaled to the image size. ASR = share of triggered test images "
+        f"{block['patch_size_at_256']} px at 256 px ({block.get('patch_pattern', 'solid')}), scaled to the image size. "
+        "ASR = share of triggered test images "
         "captioned exactly with the target (normalised); relaxed ASR = sentence BLEU-4 to the target >= 0.9; FTR = "
         "share of clean test images captioned with the target. BLEU is corpus BLEU on the clean test images."
     )
