@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import pytest
@@ -33,15 +33,6 @@ DETERMINISTIC: dict[str, Callable[[], Attack]] = {
     "pgd_no_rs": lambda: PGD(EPS, steps=3, random_start=False),
     "fg": lambda: FG(FG_EPS),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from 2 threads; on a busy 2-core machine OpenMP spinning makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

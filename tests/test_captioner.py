@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,6 @@ CAPTIONS = ["a red circle on the left", "two blue squares"]
 NARROW_ENCODER = {"encoder": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}}
 # What a GPT-2 tokenizer looks like to the captioner: pad = bos = eos = the last id.
 GPT2_VOCAB = VocabInfo(vocab_size=300, pad_token_id=299, bos_token_id=299, eos_token_id=299)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from 2 threads; on a busy 2-core machine OpenMP spinning makes them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
