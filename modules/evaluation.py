@@ -33,7 +33,7 @@ def caption_batches(
     reference caption (``batch["labels"]``).
 
     Returns:
-        One record per image: ``image_id``, ``prediction``, ``references``.
+        One record per image: ``image_id``, ``prediction``, ``references``, ``poisoned`` (carries a backdoor trigger).
     """
     module.eval()
     records: list[dict[str, Any]] = []
@@ -44,8 +44,11 @@ def caption_batches(
             images = attack(module.captioner, images, batch["labels"].to(device))
         with torch.no_grad():
             predictions = module.caption(images)
-        for image_id, prediction, refs in zip(batch["image_id"], predictions, batch["references"], strict=True):
-            records.append({"image_id": image_id, "prediction": prediction, "references": list(refs)})
+        poisoned = batch["poisoned"].tolist() if "poisoned" in batch else [False] * len(predictions)
+        for image_id, prediction, refs, flag in zip(
+            batch["image_id"], predictions, batch["references"], poisoned, strict=True
+        ):
+            records.append({"image_id": image_id, "prediction": prediction, "references": list(refs), "poisoned": flag})
     return records
 
 
@@ -70,19 +73,9 @@ def backdoor_scores(
         ``{"test_clean": {bleu1..bleu4}, "asr", "asr_relaxed", "ftr", "n_clean", "n_poisoned", "records"}``; the
         rates are fractions in [0, 1] (``asr`` is ``None`` when there is no triggered image).
     """
-    loader = evaluation_loader(module, dataset, None, batch_size)
-    clean: list[dict[str, Any]] = []
-    triggered: list[dict[str, Any]] = []
-    module.eval()
-    device = next(module.parameters()).device
-    for batch in tqdm(loader, desc=desc or "captioning", leave=False, disable=not desc):
-        with torch.no_grad():
-            predictions = module.caption(batch["pixel_values"].to(device))
-        for image_id, prediction, refs, poisoned in zip(
-            batch["image_id"], predictions, batch["references"], batch["poisoned"].tolist(), strict=True
-        ):
-            record = {"image_id": image_id, "prediction": prediction, "references": list(refs)}
-            (triggered if poisoned else clean).append(record)
+    records = caption_batches(module, evaluation_loader(module, dataset, None, batch_size), desc=desc)
+    clean = [r for r in records if not r["poisoned"]]
+    triggered = [r for r in records if r["poisoned"]]
     asr, ftr = TargetCaptionRate(target_caption), TargetCaptionRate(target_caption)
     asr.update([r["prediction"] for r in triggered], [r["image_id"] for r in triggered])
     ftr.update([r["prediction"] for r in clean], [r["image_id"] for r in clean])
