@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import logging
-import shlex
 import statistics
 import sys
 import tempfile
@@ -63,6 +61,7 @@ from train_step import (  # noqa: E402
     machine_info,
     quartiles,
     sync_device,
+    write_report,
 )
 
 from callbacks import AdversarialTraining, FreezeDecoder, FreezeEncoder  # noqa: E402
@@ -604,19 +603,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = summarise(variants, steps, losses)
     print()
     print(format_table(machine, config, rows))
-    report = {
-        "benchmark": "adversarial_step",
-        "command": shlex.join(
-            [".venv/bin/python", "benchmarks/adversarial_step.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine,
-        "config": config,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out} ({wall_s:.0f} s timed)")
-    return report
+    return write_report("adversarial_step", argv, machine, rows, args.out, config)
 
 
 if __name__ == "__main__":

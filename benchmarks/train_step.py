@@ -585,17 +585,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     print()
     print(format_table(machine, results))
-    report = {
-        "benchmark": "train_step",
-        "command": shlex.join(
-            [".venv/bin/python", "benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out}")
+    return write_report("train_step", argv, machine, results, args.out)
+
+
+def write_report(
+    name: str,
+    argv: Sequence[str] | None,
+    machine: dict[str, Any],
+    results: Any,
+    out: Path,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a benchmark's JSON report (with the command that reproduces it) and return it.
+
+    Args:
+        name: Benchmark name (its script is ``benchmarks/<name>.py``).
+        argv: The script's arguments (``None``: ``sys.argv[1:]``).
+        machine: :func:`machine_info`.
+        results: The measured rows.
+        out: Output file.
+        config: Settings shared by all rows, if any.
+    """
+    command = [".venv/bin/python", f"benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)]
+    report: dict[str, Any] = {"benchmark": name, "command": shlex.join(command), "machine": machine}
+    if config is not None:
+        report["config"] = config
+    report["results"] = results
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {out}" + (f" ({config['wall_s']:.0f} s timed)" if config and "wall_s" in config else ""))
     return report
 
 
