@@ -50,11 +50,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import (  # noqa: E402
+    PrebuiltBatches,
     build_batches,
     build_module,
     build_tokenizer,
@@ -155,26 +156,15 @@ def build_variants(pgd_steps: int) -> list[Variant]:
     ]
 
 
-class PrebuiltBatches(Dataset):
+class CopiedBatches(PrebuiltBatches):
     """Serves shallow copies of pre-collated batches (use with ``DataLoader(batch_size=None)``), cycling.
 
     ``AdversarialTraining`` replaces entries of the batch dict in place, so each step gets its own dict; the tensors
     are shared and never modified.
-
-    Args:
-        batches: Batch dicts.
-        length: Number of items (training steps) to serve.
     """
 
-    def __init__(self, batches: Sequence[dict[str, Any]], length: int) -> None:
-        self.batches = batches
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return dict(self.batches[index % len(self.batches)])
+        return dict(super().__getitem__(index))
 
 
 class BenchmarkAborted(RuntimeError):
@@ -367,7 +357,7 @@ def run_repetition(
                 default_root_dir=f"{root}/{variant.name}",
             )
             loader = DataLoader(
-                PrebuiltBatches(batches, total_steps),
+                CopiedBatches(batches, total_steps),
                 batch_size=None,
                 shuffle=False,
                 num_workers=0,
