@@ -1,0 +1,255 @@
+"""Show-and-Fool (paper 000): losses, tanh box, per-row Adam, batching, targets and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.errors import RobucapError
+from datamodules.tokenizer import build_word_tokenizer
+from modules.attacks.show_and_fool import (
+    ShowAndFool,
+    caption_ids,
+    keyword_loss,
+    log_prob_loss,
+    logits_loss,
+)
+from modules.attacks.tanh_box import RowAdam, from_tanh_space, to_tanh_space
+from modules.attacks.targets import choose_targets, content_words, keyword_ids, target_caption_ids
+from modules.captioning import CaptioningModule
+
+
+@pytest.fixture(scope="module")
+def trained(trained_checkpoint: Path) -> CaptioningModule:
+    return CaptioningModule.load_from_checkpoint(trained_checkpoint, map_location="cpu", weights_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def images(trained: CaptioningModule) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(4, 3, 32, 32, generator=gen)
+
+
+# -- losses ------------------------------------------------------------------------------------------------------------
+def test_logits_loss_stops_contributing_gradient_once_the_margin_is_met() -> None:
+    # Position 0: target (id 1) leads by 3 > margin 1 -> constant -1, no gradient.
+    # Position 1: target (id 2) trails id 0 by 0.5 -> term 0.5, gradient +1 on id 0 and -1 on id 2.
+    logits = torch.tensor([[[0.0, 3.0, 0.0], [1.0, 0.0, 0.5]]], requires_grad=True)
+    labels = torch.tensor([[1, 2]])
+    loss = logits_loss(logits, labels, margin=1.0)
+    assert loss.item() == pytest.approx(-1.0 + 0.5)
+    (grad,) = torch.autograd.grad(loss.sum(), [logits])
+    assert torch.equal(grad[0, 0], torch.zeros(3))
+    assert grad[0, 1].tolist() == [1.0, 0.0, -1.0]
+
+
+def test_logits_loss_within_the_margin_still_pushes_and_padding_is_ignored() -> None:
+    # Target leads by 0.4 < margin 1: term -0.4, still a gradient; the padded position adds nothing.
+    logits = torch.tensor([[[0.0, 0.4, 0.0], [9.0, 0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[1, -100]])
+    loss = logits_loss(logits, labels, margin=1.0)
+    assert loss.item() == pytest.approx(-0.4)
+    (grad,) = torch.autograd.grad(loss.sum(), [logits])
+    assert grad[0, 0].abs().sum() > 0 and torch.equal(grad[0, 1], torch.zeros(3))
+
+
+def test_log_prob_loss_is_the_summed_negative_log_likelihood() -> None:
+    logits = torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, 2, -100], [0, 4, 3]])
+    logp = logits.log_softmax(-1)
+    expected = torch.stack(
+        [-(logp[0, 0, 1] + logp[0, 1, 2]), -(logp[1, 0, 0] + logp[1, 1, 4] + logp[1, 2, 3])]
+    )
+    assert torch.allclose(log_prob_loss(logits, labels), expected, atol=1e-6)
+
+
+def test_keyword_loss_takes_each_keywords_best_position() -> None:
+    # Keyword 3 trails by 2 at position 0 and by 0.5 at position 1: min -> 0.5.
+    logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]])
+    loss = keyword_loss(logits, torch.tensor([[True, True]]), torch.tensor([[3]]), torch.tensor([[True]]), 1.0, 1e4)
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_gate_masks_positions_where_another_keyword_is_top1() -> None:
+    # Keywords 1 and 2. Position 0: keyword 1 is top-1, keyword 2 trails it by 0.1. Position 1: keyword 2 trails
+    # id 0 by 3. Without the gate keyword 2 would pick position 0 (0.1) and collide with keyword 1.
+    logits = torch.tensor([[[0.0, 5.0, 4.9], [3.0, 0.0, 0.0]]])
+    positions = torch.tensor([[True, True]])
+    keywords = torch.tensor([[1, 2]])
+    mask = torch.tensor([[True, True]])
+    gated = keyword_loss(logits, positions, keywords, mask, margin=1.0, gate_value=1e4)
+    # keyword 1: min(-0.1 at position 0, 3 at position 1) = -0.1; keyword 2: position 0 gated -> 3 at position 1.
+    assert gated.item() == pytest.approx(-0.1 + 3.0, abs=1e-5)
+    # Same logits, only keyword 2 asked for: nothing collides, position 0 (gap 0.1) wins.
+    alone = keyword_loss(logits, positions, torch.tensor([[2, 0]]), torch.tensor([[True, False]]), 1.0, 1e4)
+    assert alone.item() == pytest.approx(0.1, abs=1e-5)
+
+
+def test_keyword_loss_ignores_positions_past_the_caption() -> None:
+    logits = torch.tensor([[[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]]])
+    loss = keyword_loss(logits, torch.tensor([[True, False]]), torch.tensor([[1]]), torch.tensor([[True]]), 1.0, 1e4)
+    assert loss.item() == pytest.approx(2.0)
+
+
+# -- tanh box and Adam ---------------------------------------------------------------------------------------------
+def test_tanh_box_keeps_images_in_the_unit_box_and_starts_at_the_image() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
+    y = to_tanh_space(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(from_tanh_space(y, torch.zeros_like(y)), x, atol=1e-6)
+    for scale in (1.0, 100.0, 1e6):
+        out = from_tanh_space(y, scale * torch.randn_like(y))
+        assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_row_adam_matches_torch_adam_and_rows_are_independent() -> None:
+    torch.manual_seed(0)
+    w = torch.zeros(3, 4)
+    reference = torch.zeros(3, 4, requires_grad=True)
+    optimizer = torch.optim.Adam([reference], lr=0.01)
+    adam = RowAdam(w, lr=0.01)
+    grads = [torch.randn(3, 4) for _ in range(5)]
+    for g in grads:
+        adam.step(g.clone(), torch.arange(3))
+        reference.grad = g.clone()
+        optimizer.step()
+    assert torch.allclose(w, reference.detach(), atol=1e-7)
+    # Stepping row 1 alone gives row 1 the same trajectory.
+    alone = torch.zeros(3, 4)
+    adam_one = RowAdam(alone, lr=0.01)
+    for g in grads:
+        adam_one.step(g[1:2].clone(), torch.tensor([1]))
+    assert torch.allclose(alone[1], w[1], atol=1e-7)
+    assert torch.equal(alone[0], torch.zeros(4))
+
+
+# -- the attack ------------------------------------------------------------------------------------------------------
+def test_own_caption_as_target_succeeds_at_once_with_no_distortion(
+    trained: CaptioningModule, images: torch.Tensor
+) -> None:
+    own = caption_ids(trained.captioner.generate(images, max_new_tokens=24), trained.captioner.vocab)
+    attack = ShowAndFool(iterations=3, search_rounds=1, max_new_tokens=24)
+    result = attack(trained.captioner, images, own)
+    assert result.success.all()
+    assert torch.allclose(result.l2, torch.zeros(4), atol=1e-4)
+    assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
+
+
+def test_batched_and_per_image_runs_agree(trained: CaptioningModule, images: torch.Tensor) -> None:
+    clean = trained.caption(images)
+    targets = choose_targets(clean + ["a red circle", "a large blue square"], seed=1)[: len(clean)]
+    ids = [target_caption_ids(trained.tokenizer, t) for t in targets]
+    attack = ShowAndFool(iterations=40, search_rounds=2, max_new_tokens=24, lr=0.05)
+    batched = attack(trained.captioner, images, ids)
+    single = [attack(trained.captioner, images[i : i + 1], ids[i : i + 1]) for i in range(len(ids))]
+    assert batched.success.tolist() == [bool(s.success[0]) for s in single]
+    assert torch.allclose(batched.l2, torch.cat([s.l2 for s in single]), atol=1e-3)
+    assert batched.iterations.tolist() == [int(s.iterations[0]) for s in single]
+    assert batched.adversarial.min() >= 0 and batched.adversarial.max() <= 1
+
+
+def test_keyword_mode_runs_and_reports_success_by_inclusion(trained: CaptioningModule, images: torch.Tensor) -> None:
+    clean = trained.caption(images)
+    own_word = [[content_words(c)[0]] for c in clean]  # already present: success without any change
+    attack = ShowAndFool(mode="keyword", iterations=5, search_rounds=1, max_new_tokens=24)
+    result = attack(trained.captioner, images, [keyword_ids(trained.tokenizer, k) for k in own_word])
+    assert result.success.all()
+    assert torch.allclose(result.l2, torch.zeros(4), atol=1e-4)
+
+
+def test_attack_leaves_parameters_and_mode_alone(trained: CaptioningModule, images: torch.Tensor) -> None:
+    trained.train()
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    ids = [target_caption_ids(trained.tokenizer, "a red circle")] * 4
+    ShowAndFool(iterations=3, search_rounds=1, max_new_tokens=24)(trained.captioner, images, ids)
+    assert trained.training and all(p.grad is None for p in trained.parameters())
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
+    trained.eval()
+
+
+def test_attack_works_under_inference_mode(trained: CaptioningModule, images: torch.Tensor) -> None:
+    ids = [target_caption_ids(trained.tokenizer, "a red circle")] * 4
+    with torch.inference_mode():
+        result = ShowAndFool(iterations=3, search_rounds=1, max_new_tokens=24)(trained.captioner, images, ids)
+    assert result.adversarial.shape == images.shape
+
+
+# -- targets ---------------------------------------------------------------------------------------------------------
+def test_choose_targets_follows_the_paper_and_is_seeded() -> None:
+    captions = ["a red circle", "a blue square to the left of a green cross", "a red circle", "a small cyan diamond"]
+    targets = choose_targets(captions, seed=3)
+    assert targets == choose_targets(captions, seed=3)
+    for own, target in zip(captions, targets, strict=True):
+        assert target in captions and target != own
+    keywords = choose_targets(captions, n_keywords=2, seed=3)
+    for own, words in zip(captions, keywords, strict=True):
+        assert len(words) == 2 and not set(words) & set(own.split())
+        assert all(w not in {"a", "the", "of", "to", "left"} for w in words)
+
+
+def test_content_words_drop_function_words() -> None:
+    assert content_words("a large red circle to the left of a small red square") == [
+        "large",
+        "red",
+        "circle",
+        "small",
+        "square",
+    ]
+
+
+def test_choose_targets_needs_another_image() -> None:
+    with pytest.raises(RobucapError, match="at least 2 images"):
+        choose_targets(["a red circle"])
+    with pytest.raises(RobucapError, match="no other image offers 3 new content words"):
+        choose_targets(["a red circle", "a red circle"], n_keywords=3)
+
+
+# -- errors ----------------------------------------------------------------------------------------------------------
+TOKENIZER = build_word_tokenizer(["a red circle", "a blue square to the left of a green cross"])
+
+
+def test_target_words_outside_the_vocabulary_are_named() -> None:
+    with pytest.raises(RobucapError, match=r"outside the captioner's vocabulary: \['purple', 'hexagon'\]"):
+        target_caption_ids(TOKENIZER, "a purple hexagon")
+    with pytest.raises(RobucapError, match="non-empty sentence"):
+        target_caption_ids(TOKENIZER, " ,. ")
+    assert target_caption_ids(TOKENIZER, "A red circle.") == TOKENIZER.encode("a red circle", add_special_tokens=False)
+
+
+def test_keyword_errors() -> None:
+    with pytest.raises(RobucapError, match="at least one non-empty keyword"):
+        keyword_ids(TOKENIZER, [])
+    with pytest.raises(RobucapError, match=r"target keywords \['dog'\] are not words"):
+        keyword_ids(TOKENIZER, ["red", "dog"])
+    with pytest.raises(RobucapError, match="distinct"):
+        keyword_ids(TOKENIZER, ["red", "red"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"initial_c": 0}, "c \\(initial_c\\) must be a number > 0, got 0"),
+        ({"initial_c": -1.0}, "c \\(initial_c\\) must be a number > 0"),
+        ({"iterations": 0}, "iterations must be an integer >= 1, got 0"),
+        ({"search_rounds": 0}, "search_rounds must be an integer >= 1"),
+        ({"lr": 0.0}, "lr must be a number > 0"),
+        ({"margin": -1}, "margin must be a number > 0"),
+        ({"mode": "word"}, "mode must be one of \\['caption', 'keyword'\\]"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"mode": "keyword", "loss": "log_prob"}, "keyword mode uses the logits loss"),
+    ],
+)
+def test_bad_options_are_named(options: dict, message: str) -> None:
+    with pytest.raises(RobucapError, match=message):
+        ShowAndFool(**options)
+
+
+def test_bad_call_shapes(trained: CaptioningModule, images: torch.Tensor) -> None:
+    attack = ShowAndFool(iterations=1, search_rounds=1)
+    with pytest.raises(RobucapError, match="one target per image"):
+        attack(trained.captioner, images, [[5]])
+    with pytest.raises(RobucapError, match="non-empty target"):
+        attack(trained.captioner, images, [[5], [], [5], [5]])
