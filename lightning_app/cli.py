@@ -1,7 +1,7 @@
 """The ``robucap`` command (also ``python -m lightning_app``).
 
 Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI), ``data``, ``export``, ``demo``, ``study``,
-``poison-scan``.
+``poison-scan``, ``attack``.
 Bad input ends with one line ``robucap: error: ...`` and exit status 2.
 """
 
@@ -71,12 +71,19 @@ def _cmd_poison_scan(argv: list[str]) -> int:
     return poison_scan_main(argv)
 
 
+def _cmd_attack(argv: list[str]) -> int:
+    from lightning_app.attack import attack_main
+
+    return attack_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data": _cmd_data,
     "export": _cmd_export,
     "demo": _cmd_demo,
     "study": _cmd_study,
     "poison-scan": _cmd_poison_scan,
+    "attack": _cmd_attack,
 }
 
 
@@ -111,7 +118,7 @@ def main(args: list[str] | None = None) -> int:
 
 def _print_help() -> None:
     print(
-        "usage: robucap {fit,validate,test,predict,data,export,demo,study,poison-scan} ...\n\n"
+        "usage: robucap {fit,validate,test,predict,data,export,demo,study,poison-scan,attack} ...\n\n"
         "  fit|validate|test|predict  LightningCLI over CaptioningModule + CaptionDataModule (--help for options)\n"
         "  data shapes --out DIR      write the procedural shapes dataset\n"
         "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text') loads it)\n"
@@ -119,6 +126,7 @@ def _print_help() -> None:
         "  study freeze --out DIR     paper 002's five phases: adversarial training, encoder / decoder frozen\n"
         "  study backdoor --out DIR   paper 001's Table 2: benign, BadNets and object-noise backdoored captioners\n"
         "  poison-scan --ckpt X --config Y --out DIR  rank training images by a spectral-signature poisoning score\n"
+        "  attack {show-and-fool,fgsm,pgd,ensemble} --ckpt X --data-root D --out DIR  attack a captioner, report it\n"
     )
 
 

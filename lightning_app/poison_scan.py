@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
+from lightning_app.inputs import checkpoint_path, data_options
 from lightning_app.report import Report
 from modules.captioning import CaptioningModule
 from modules.defenses import encoder_features, ranking_quality, spectral_signature_scores
@@ -88,21 +88,6 @@ def histogram_png(block: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _data_options(config: Path, data_root: str | None) -> dict[str, Any]:
-    if not config.is_file():
-        raise RobucapError(f"config file {config} does not exist (expected a YAML file with a data: section)")
-    try:
-        loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise RobucapError(f"config file {config} is not valid YAML: {error}") from error
-    data = loaded.get("data") if isinstance(loaded, dict) else None
-    if not isinstance(data, dict):
-        raise RobucapError(f"config file {config} has no data: section (the data module's options)")
-    if data_root:
-        data = {**data, "root": data_root}
-    return {**data, "tokenizer": None}
-
-
 def poison_scan_main(argv: list[str]) -> int:
     """``robucap poison-scan`` argument parsing."""
     parser = argparse.ArgumentParser(
@@ -116,8 +101,8 @@ def poison_scan_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output directory (results.json, report.html)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    module = CaptioningModule.load_from_checkpoint(_checkpoint(args.ckpt), map_location="cpu", weights_only=True)
-    options = _data_options(Path(args.config), args.data_root)
+    module = CaptioningModule.load_from_checkpoint(checkpoint_path(args.ckpt), map_location="cpu", weights_only=True)
+    options = data_options(Path(args.config), args.data_root)
     try:
         datamodule = CaptionDataModule(**options)
     except TypeError as error:
@@ -147,10 +132,3 @@ def poison_scan_main(argv: list[str]) -> int:
         f"k = {block['k']}, ROC AUC {block['auroc']:.3f}; report: {out / 'report.html'}"
     )
     return 0
-
-
-def _checkpoint(path: str) -> Path:
-    checkpoint = Path(path)
-    if not checkpoint.is_file():
-        raise RobucapError(f"checkpoint {checkpoint} does not exist")
-    return checkpoint

@@ -42,7 +42,7 @@ def test_python_dash_m_is_the_same_program() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "robucap: error: unknown command 'nonsense'; expected one of " + (
-        "fit, validate, test, predict, data, export, demo, study, poison-scan"
+        "fit, validate, test, predict, data, export, demo, study, poison-scan, attack"
     )
 
 

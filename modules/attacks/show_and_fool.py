@@ -20,8 +20,9 @@ Distortion is measured in robucap's [0, 1] pixel units (paper 000's [-1, 1] imag
 
 Batching: all images of a batch are optimised together, each with its own ``c``, Adam state and bounds. An image
 leaves the batch once its objective has stopped improving (Carlini & Wagner's abort-early rule: less than 0.01 %
-lower than ``iterations / 10`` iterations before), so late iterations only pay for the images still moving. An
-image's result does not depend on the other images of its batch.
+lower than ``iterations / 10`` iterations before; in keyword mode only after its first success of the round, since
+re-inference changes the objective), so late iterations only pay for the images still moving. An image's result
+does not depend on the other images of its batch.
 """
 
 from __future__ import annotations
@@ -421,6 +422,10 @@ class ShowAndFool:
             if self.abort_early and (it + 1) % check_every == 0:
                 value = objective.detach().double().cpu()
                 stalled = value > previous[rows] - 1e-4 * previous[rows].abs()
+                if self.mode == "keyword":
+                    # The objective jumps whenever the decoder input is re-inferred, so a stall before the first
+                    # success says nothing: keyword images only stop once they have succeeded in this round.
+                    stalled &= found[rows] < math.inf
                 previous[rows] = value
                 active = active[~stalled.to(device)]
 

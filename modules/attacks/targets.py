@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -90,9 +91,24 @@ def keyword_ids(tokenizer: PreTrainedTokenizerBase, keywords: Sequence[str]) -> 
     return [int(ids[w]) for w in words]
 
 
-def choose_targets(
+@dataclass(frozen=True)
+class PaperTarget:
+    """A paper-style target and where it came from.
+
+    Attributes:
+        source: Index of the other image whose clean caption gave the target.
+        caption: That image's clean caption.
+        value: The target: the caption itself (caption mode) or the chosen keywords (keyword mode).
+    """
+
+    source: int
+    caption: str
+    value: str | list[str]
+
+
+def paper_targets(
     clean_captions: Sequence[str], n_keywords: int = 0, seed: int = 0, max_tries: int = 100
-) -> list[str | list[str]]:
+) -> list[PaperTarget | None]:
     """Paper 000's targets: for each image, the clean caption of another, randomly chosen image.
 
     With ``n_keywords == 0`` the target is that caption, and it must differ from the image's own caption. With
@@ -103,36 +119,55 @@ def choose_targets(
         clean_captions: The model's caption of every image of the attacked set.
         n_keywords: 0 for targeted-caption attacks, else the number of keywords.
         seed: Seed of the random choices.
-        max_tries: Images drawn per image before giving up.
+        max_tries: Images drawn per image before giving up on it.
 
     Returns:
-        One target per image: a caption string, or a list of ``n_keywords`` words.
+        One target per image, or ``None`` for an image that no other image offers a target to (for example when a
+        weak model gives every image the same caption); callers skip those images and say so.
 
     Raises:
-        RobucapError: Fewer than 2 images, ``n_keywords`` < 0, or an image for which no other image offers a target.
+        RobucapError: Fewer than 2 images, or ``n_keywords`` < 0.
     """
     if len(clean_captions) < 2:
         raise RobucapError("choosing targets needs at least 2 images (each target comes from another image)")
     if n_keywords < 0:
         raise RobucapError(f"n_keywords must be >= 0, got {n_keywords}")
     rng = random.Random(seed)
-    targets: list[str | list[str]] = []
+    targets: list[PaperTarget | None] = []
     for i, own in enumerate(clean_captions):
         own_words = set(caption_tokens(own))
+        chosen: PaperTarget | None = None
         for _ in range(max_tries):
             j = rng.randrange(len(clean_captions) - 1)
-            other = clean_captions[j + (j >= i)]
+            j += j >= i
+            other = clean_captions[j]
             if n_keywords == 0:
-                if normalize_caption(other) != normalize_caption(own) and normalize_caption(other):
-                    targets.append(other)
+                if normalize_caption(other) and normalize_caption(other) != normalize_caption(own):
+                    chosen = PaperTarget(j, other, other)
                     break
                 continue
             fresh = [w for w in content_words(other) if w not in own_words]
             if len(fresh) >= n_keywords:
                 picked = sorted(rng.sample(range(len(fresh)), n_keywords))
-                targets.append([fresh[k] for k in picked])
+                chosen = PaperTarget(j, other, [fresh[k] for k in picked])
                 break
-        else:
-            what = "a different caption" if n_keywords == 0 else f"{n_keywords} new content words"
-            raise RobucapError(f"no other image offers {what} as a target for image {i} (caption {own!r})")
+        targets.append(chosen)
     return targets
+
+
+def choose_targets(
+    clean_captions: Sequence[str], n_keywords: int = 0, seed: int = 0, max_tries: int = 100
+) -> list[str | list[str]]:
+    """The values of :func:`paper_targets`, for sets where every image must get one.
+
+    Raises:
+        RobucapError: As :func:`paper_targets`, and when an image gets no target.
+    """
+    targets = paper_targets(clean_captions, n_keywords, seed, max_tries)
+    for i, target in enumerate(targets):
+        if target is None:
+            what = "a different caption" if n_keywords == 0 else f"{n_keywords} new content words"
+            raise RobucapError(
+                f"no other image offers {what} as a target for image {i} (caption {clean_captions[i]!r})"
+            )
+    return [t.value for t in targets if t is not None]

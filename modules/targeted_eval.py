@@ -1,0 +1,208 @@
+"""Run paper 000's targeted experiments on a set of images: targets, Show-and-Fool, per-image records, summary.
+
+An experiment (a *mode*) is ``caption`` (targeted caption, section 4.2) or ``keyword_M`` (``M`` targeted keywords,
+section 4.3). As in the paper, every image's target comes from the clean caption of another, randomly chosen image
+of the same set (:func:`~modules.attacks.targets.paper_targets`), unless one fixed target is given for all images.
+Clean captions and success checks use the same greedy decoding (the attack's ``max_new_tokens``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from datamodules.errors import RobucapError
+from datamodules.text import normalize_caption
+from modules.attacks.show_and_fool import ShowAndFool, caption_ids
+from modules.attacks.targets import keyword_ids, paper_targets, target_caption_ids
+from modules.captioning import CaptioningModule
+from modules.metrics.targeted import keywords_found, summarize_targeted
+
+__all__ = ["MODE_NAMES", "greedy_captions", "mode_keywords", "mode_name", "run_show_and_fool"]
+
+MODE_NAMES: tuple[str, ...] = ("caption", "keyword_1", "keyword_2", "keyword_3")
+"""Paper 000's four experiments (Table 1 rows); ``keyword_M`` works for any ``M >= 1``."""
+
+_KEYWORD_MODE = re.compile(r"keyword_([1-9][0-9]*)")
+
+
+def mode_name(n_keywords: int) -> str:
+    """``caption`` for 0 keywords, else ``keyword_<n>``."""
+    return "caption" if n_keywords == 0 else f"keyword_{n_keywords}"
+
+
+def mode_keywords(mode: str) -> int:
+    """The number of keywords of a mode name (0 for ``caption``).
+
+    Raises:
+        RobucapError: Not ``caption`` nor ``keyword_<M>`` with ``M >= 1``.
+    """
+    if mode == "caption":
+        return 0
+    match = _KEYWORD_MODE.fullmatch(mode)
+    if match is None:
+        raise RobucapError(f"unknown Show-and-Fool mode {mode!r}; expected one of {list(MODE_NAMES)} (or keyword_M)")
+    return int(match.group(1))
+
+
+def greedy_captions(
+    module: CaptioningModule, images: torch.Tensor, max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
+    """Greedy captions, decoded as :meth:`CaptioningModule.caption` does.
+
+    Greedy rather than the module's configured beam search: Show-and-Fool judges success on greedy captions, so the
+    targets (other images' clean captions) must be captions greedy decoding produces.
+
+    Shape:
+        ``images``: ``(N, 3, H, W)`` in [0, 1].
+    """
+    device = next(module.parameters()).device
+    captions: list[str] = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            tokens = module.captioner.generate(images[start : start + batch_size].to(device), max_new_tokens)
+            captions += _decode(module, tokens)
+    return captions
+
+
+def _decode(module: CaptioningModule, tokens: torch.Tensor) -> list[str]:
+    ids = caption_ids(tokens, module.captioner.vocab)
+    return [module.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def _encode(module: CaptioningModule, target: str | Sequence[str]) -> list[int]:
+    if isinstance(target, str):
+        return target_caption_ids(module.tokenizer, target)
+    return keyword_ids(module.tokenizer, target)
+
+
+def _already_met(clean: str, target: str | Sequence[str]) -> bool:
+    if isinstance(target, str):
+        return normalize_caption(clean) == normalize_caption(target)
+    return keywords_found(clean, target) == len(target)
+
+
+def run_show_and_fool(
+    module: CaptioningModule,
+    images: torch.Tensor,
+    image_ids: Sequence[Hashable],
+    references: Sequence[Sequence[str]],
+    attack: ShowAndFool,
+    n_keywords: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+    target: str | Sequence[str] | None = None,
+    meteor: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One of paper 000's experiments: targets, Show-and-Fool on every image, records and Tables 1-3.
+
+    Images whose clean caption already meets a fixed ``target`` are not attacked (a success there would not be
+    the attack's doing), nor are images that no other image offers a paper-style target to; their ids are listed
+    under ``skipped``.
+
+    Args:
+        module: The white-box captioner (switched to eval mode).
+        images: Clean images in [0, 1]. Shape: ``(N, 3, H, W)``.
+        image_ids: One id per image.
+        references: The dataset's reference captions of every image (kept in the records).
+        attack: A :class:`ShowAndFool` whose mode matches ``n_keywords`` (``caption`` for 0, else ``keyword``).
+        n_keywords: 0 for targeted captions, ``M >= 1`` for ``M`` targeted keywords.
+        seed: Seed of the target choice.
+        batch_size: Images attacked together.
+        target: One fixed target for every image instead of paper-style random targets: a caption (caption mode)
+            or a list of ``n_keywords`` keywords (keyword mode).
+        meteor: Compute METEOR for the failures' statistics.
+        progress: Show a progress bar over batches.
+
+    Returns:
+        ``summary`` (:func:`~modules.metrics.targeted.summarize_targeted`), ``records`` (per attacked image:
+        ``index`` in ``images``, ``image_id``, ``clean``, ``target``, ``target_caption`` (keyword mode: the caption
+        the keywords came from, ``None`` for fixed keywords), ``prediction``, ``success``, ``l2``, ``c``,
+        ``iterations``, ``references``),
+        ``adversarial`` (the attacked images' adversarial versions, on the CPU, in record order; shape
+        ``(n, 3, H, W)``) and ``skipped`` (image ids not attacked).
+
+    Raises:
+        RobucapError: Mismatched lengths, a mode / ``n_keywords`` / ``target`` mismatch, a target the vocabulary
+            cannot express, no possible paper-style target, or every image already meeting the fixed target.
+    """
+    n = images.shape[0] if images.dim() == 4 else -1
+    if n < 1 or len(image_ids) != n or len(references) != n:
+        raise RobucapError(
+            f"run_show_and_fool expects images (N, 3, H, W) with N >= 1 and one id and reference list per image, got "
+            f"{tuple(images.shape)}, {len(image_ids)} ids and {len(references)} reference lists"
+        )
+    if isinstance(n_keywords, bool) or not isinstance(n_keywords, int) or n_keywords < 0:
+        raise RobucapError(f"n_keywords must be an integer >= 0, got {n_keywords!r}")
+    if (attack.mode == "caption") != (n_keywords == 0):
+        raise RobucapError(
+            f"Show-and-Fool mode {attack.mode!r} does not match n_keywords={n_keywords} (caption mode takes 0 "
+            "keywords, keyword mode at least 1)"
+        )
+    if batch_size < 1:
+        raise RobucapError(f"batch_size must be >= 1, got {batch_size}")
+    if target is not None:
+        if n_keywords and (isinstance(target, str) or len(target) != n_keywords):
+            raise RobucapError(
+                f"the fixed target of keyword_{n_keywords} must be {n_keywords} keywords, got {target!r}"
+            )
+        if not n_keywords and not isinstance(target, str):
+            raise RobucapError(f"the fixed target of caption mode must be a caption string, got {target!r}")
+        target = target if isinstance(target, str) else [str(k) for k in target]
+        _encode(module, target)  # bad targets fail before any image is captioned
+
+    module.eval()
+    clean = greedy_captions(module, images, attack.max_new_tokens, batch_size)
+    if target is not None:
+        targets: list[Any] = [target] * n
+        sources: list[str | None] = [None] * n
+        attacked = [i for i in range(n) if not _already_met(clean[i], target)]
+    else:
+        # Images no other image offers a target to (e.g. every caption alike) are skipped, not fatal.
+        chosen = paper_targets(clean, n_keywords, seed)
+        targets = [None if t is None else t.value for t in chosen]
+        sources = [None if t is None else t.caption for t in chosen]
+        attacked = [i for i in range(n) if chosen[i] is not None]
+    skipped = [image_ids[i] for i in sorted(set(range(n)) - set(attacked))]
+    if not attacked:
+        what = f"already meets the target {target!r}" if target is not None else "offers no paper-style target"
+        raise RobucapError(f"every image's clean caption {what}: there is nothing to attack")
+
+    device = next(module.parameters()).device
+    records: list[dict[str, Any]] = []
+    adversarial: list[torch.Tensor] = []
+    starts = range(0, len(attacked), batch_size)
+    for start in tqdm(
+        starts, desc=f"show-and-fool {mode_name(n_keywords)}", leave=False, disable=None if progress else True
+    ):
+        rows = attacked[start : start + batch_size]
+        result = attack(module.captioner, images[rows].to(device), [_encode(module, targets[i]) for i in rows])
+        predictions = _decode(module, result.tokens)
+        adversarial.append(result.adversarial.cpu())
+        for k, i in enumerate(rows):
+            record: dict[str, Any] = {
+                "index": i,
+                "image_id": image_ids[i],
+                "clean": clean[i],
+                "target": targets[i],
+                "prediction": predictions[k],
+                "success": bool(result.success[k]),
+                "l2": float(result.l2[k]),
+                "c": float(result.c[k]),
+                "iterations": int(result.iterations[k]),
+                "references": list(references[i]),
+            }
+            if n_keywords:
+                record["target_caption"] = sources[i]
+            records.append(record)
+    return {
+        "summary": summarize_targeted(records, meteor=meteor),
+        "records": records,
+        "adversarial": torch.cat(adversarial),
+        "skipped": skipped,
+    }
