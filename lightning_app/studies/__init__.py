@@ -12,7 +12,7 @@ from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from lightning_app.report import Report
 
-STUDIES = ("freeze", "backdoor")
+STUDIES = ("freeze", "backdoor", "transfer")
 
 
 def study_main(argv: list[str]) -> int:
@@ -24,18 +24,24 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--data-format", default="shapes", help="dataset format (default: the built-in shapes)")
     parser.add_argument("--data-root", default="data/shapes", help="dataset directory (shapes: created if missing)")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=None, help="seed (freeze: 0, backdoor: 2021)")
+    parser.add_argument("--seed", type=int, default=None, help="seed (freeze: 0, backdoor: 2021, transfer: 0)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
     freeze = parser.add_argument_group("freeze study")
     freeze.add_argument("--epsilon", type=float, default=None, help="FGSM budget in [0, 1] pixel units")
     freeze.add_argument("--trials", type=int, default=None, help="seeds for the freeze phases")
     backdoor = parser.add_argument_group("backdoor study")
     backdoor.add_argument("--arch", default=None, help="victim captioner: show_attend_tell (default) or vit_gpt2")
-    backdoor.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    backdoor.add_argument("--epochs", type=int, default=None, help="training epochs per model (also transfer)")
     backdoor.add_argument("--rate", type=float, default=None, help="poisoning rate in [0, 1] (default 0.3)")
     backdoor.add_argument("--alpha", type=float, default=None, help="object-noise intensity in [0, 1] (20/255)")
     backdoor.add_argument("--target", default=None, help="target caption (default 'you are under attack')")
     backdoor.add_argument("--cache-dir", default=None, help="poisoned-image cache (default .cache/poison)")
+    transfer = parser.add_argument_group("transfer study")
+    transfer.add_argument(
+        "--checkpoints", nargs="+", default=None, metavar="CKPT",
+        help="study these robucap checkpoints (at least 3) instead of training the three default captioners",
+    )  # fmt: skip
+    transfer.add_argument("--images", type=int, default=None, help="test images attacked (full 50, quick 16)")
     args = parser.parse_args(argv)
     if args.name not in STUDIES:
         raise RobucapError(f"unknown study {args.name!r}; expected one of {list(STUDIES)}")
@@ -46,8 +52,10 @@ def study_main(argv: list[str]) -> int:
     report = Report(f"robucap study {args.name}")
     if args.name == "freeze":
         results, line = _freeze(args, out, shapes, report)
-    else:
+    elif args.name == "backdoor":
         results, line = _backdoor(args, out, shapes, report)
+    else:
+        results, line = _transfer(args, out, shapes, report)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["report"] = str(out / "report.html")
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
@@ -100,3 +108,13 @@ def _backdoor(args: argparse.Namespace, out: Path, shapes: dict[str, Any], repor
     }
     block = run_and_report(data, out, cfg, report)
     return {"dataset": {**data, "poison": block["dataset"]}, "backdoor_study": block}, summary(block)
+
+
+def _transfer(args: argparse.Namespace, out: Path, shapes: dict[str, Any], report: Report) -> tuple[dict, str]:
+    from lightning_app.studies.transfer import run_and_report, study_settings, summary
+
+    overrides = _given(args, seed="seed", epochs="epochs", images="images", checkpoints="checkpoints")
+    cfg = study_settings(args.profile, wandb=not args.no_wandb, **overrides)
+    data = {"format": args.data_format, "root": args.data_root, "image_size": args.image_size, "shapes": shapes}
+    block = run_and_report(data, out, cfg, report)
+    return block, summary(block)

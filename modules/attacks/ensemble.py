@@ -27,7 +27,9 @@ Methods:
 
 All members must take images of the same size (images are not resized: a resize would be part of the attacked
 function and change what is measured), and a targeted ensemble must share one vocabulary, since a target is one
-sequence of token ids for every member.
+sequence of token ids for every member. Only what the captioners know of their tokenizer is compared (size and special
+ids, :class:`~datamodules.tokenizer.VocabInfo`): the caller builds targeted ensembles from models trained with one
+tokenizer. A non-targeted ensemble may mix vocabularies: each member is scored on its own caption.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from datamodules.errors import RobucapError
 from modules.attacks.base import _is_real, check_epsilon, eval_mode
+from modules.attacks.show_and_fool import caption_ids
 from modules.attacks.tanh_box import RowAdam, from_tanh_space, to_tanh_space
 from modules.captioners.base import Captioner
 
@@ -88,24 +91,6 @@ def caption_labels(captions: Sequence[Sequence[int]], eos: int, device: torch.de
             labels[i, : len(caption)] = torch.tensor(list(caption), dtype=torch.long, device=device)
         labels[i, len(caption)] = eos
     return labels
-
-
-def _generated_ids(tokens: torch.Tensor, eos: int, pad: int) -> list[list[int]]:
-    """Generated tokens up to (not including) the first EOS, padding dropped.
-
-    Shape:
-        ``tokens``: ``(B, T)``.
-    """
-    out = []
-    for row in tokens.tolist():
-        words = []
-        for token in row:
-            if token == eos:
-                break
-            if token != pad:
-                words.append(token)
-        out.append(words)
-    return out
 
 
 class EnsembleAttack:
@@ -247,6 +232,7 @@ class EnsembleAttack:
         Returns:
             One label tensor per member (caption + EOS, -100 on padding). Shape: ``(B, T_i)`` each.
         """
+        self._check_call(pixel_values, targets)
         device = pixel_values.device
         if self.targeted:
             labels = caption_labels(targets, self.members[0].vocab.eos_token_id, device)
@@ -257,9 +243,7 @@ class EnsembleAttack:
                 stack.enter_context(eval_mode(member, self.use_eval_mode))
             for member in self.members:
                 tokens = member.generate(pixel_values, max_new_tokens=self.max_new_tokens)
-                vocab = member.vocab
-                captions = _generated_ids(tokens, vocab.eos_token_id, vocab.pad_token_id)
-                out.append(caption_labels(captions, vocab.eos_token_id, device))
+                out.append(caption_labels(caption_ids(tokens, member.vocab), member.vocab.eos_token_id, device))
         return out
 
     def member_nll(self, adversarial: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
