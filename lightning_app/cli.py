@@ -125,6 +125,7 @@ def _print_help() -> None:
         "  demo --out DIR             train, test and report the tiny baseline on shapes\n"
         "  study freeze --out DIR     paper 002's five phases: adversarial training, encoder / decoder frozen\n"
         "  study backdoor --out DIR   paper 001's Table 2: benign, BadNets and object-noise backdoored captioners\n"
+        "  study transfer --out DIR   papers 000/004: transfer matrix and leave-one-out ensembles over 3 captioners\n"
         "  poison-scan --ckpt X --config Y --out DIR  rank training images by a spectral-signature poisoning score\n"
         "  attack {show-and-fool,fgsm,pgd,ensemble} --ckpt X --data-root D --out DIR  attack a captioner, report it\n"
     )

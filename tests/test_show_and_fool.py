@@ -59,9 +59,7 @@ def test_log_prob_loss_is_the_summed_negative_log_likelihood() -> None:
     logits = torch.randn(2, 3, 5)
     labels = torch.tensor([[1, 2, -100], [0, 4, 3]])
     logp = logits.log_softmax(-1)
-    expected = torch.stack(
-        [-(logp[0, 0, 1] + logp[0, 1, 2]), -(logp[1, 0, 0] + logp[1, 1, 4] + logp[1, 2, 3])]
-    )
+    expected = torch.stack([-(logp[0, 0, 1] + logp[0, 1, 2]), -(logp[1, 0, 0] + logp[1, 1, 4] + logp[1, 2, 3])])
     assert torch.allclose(log_prob_loss(logits, labels), expected, atol=1e-6)
 
 
