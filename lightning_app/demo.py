@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 
 from datamodules.datamodule import CaptionDataModule
+from datamodules.errors import RobucapError
 from datamodules.shapes import ShapesConfig, generate_shapes, shapes_ready
 from lightning_app.report import Report
 from lightning_app.training import TrainedCaptioner, read_metrics, train_captioner
@@ -198,10 +199,69 @@ def stage_backdoor_study(ctx: DemoContext) -> None:
     ctx.results["backdoor_study"] = run_and_report(data, ctx.out / "backdoor_study", cfg, ctx.report)
 
 
+# Show-and-Fool settings per demo profile: the paper's 1000 iterations x 5 rounds take minutes per image batch on a
+# CPU, so the quick profile runs fewer (the full attack is `robucap attack show-and-fool`, see docs/attacks.md).
+SHOW_AND_FOOL_PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {"images": 16, "iterations": 300, "rounds": 3},
+    "full": {"images": 50, "iterations": 1000, "rounds": 5},
+    "smoke": {"images": 4, "iterations": 5, "rounds": 1},
+}
+
+
+def stage_show_and_fool(ctx: DemoContext) -> None:
+    """Paper 000's targeted caption and 1-3 keyword attacks on the demo's baseline (issue 5)."""
+    from lightning_app.attack import attack_main
+
+    base: TrainedCaptioner = ctx.state["baseline"]
+    s = SHOW_AND_FOOL_PROFILES[ctx.profile]
+    blocks: dict[str, Any] = {}
+    for mode in ("caption", "keyword_1", "keyword_2", "keyword_3"):
+        out = ctx.out / "show_and_fool" / mode
+        try:
+            attack_main(
+                ["show-and-fool", "--ckpt", str(base.checkpoint), "--data-root", str(ctx.data_root), "--images",
+                 str(s["images"]), "--modes", mode, "--iterations", str(s["iterations"]), "--rounds", str(s["rounds"]),
+                 "--seed", str(ctx.seed), "--out", str(out), "--no-meteor"]
+            )  # fmt: skip
+        except RobucapError as error:
+            # A barely trained baseline (smoke profile) may caption every image alike: no image offers a target.
+            blocks[mode] = {"success_rate": None, "mean_l2": None, "n": 0, "not_run": str(error)}
+            continue
+        block = json.loads((out / "results.json").read_text(encoding="utf-8"))["show_and_fool"][mode]
+        blocks[mode] = {k: v for k, v in block.items() if k not in ("records", "skipped")}
+        blocks[mode]["report"] = str(out / "report.html")
+    ctx.results["show_and_fool"] = {**blocks, "settings": dict(s)}
+    ctx.report.heading("Show-and-Fool (paper 000) on the baseline")
+    ctx.report.paragraph(
+        f"{s['images']} test images, {s['iterations']} Adam iterations x {s['rounds']} rounds of the c search "
+        "(paper: 1000 x 5). Mean L2 over successes, in [0, 1] pixel units. Examples and failure statistics: the "
+        f"reports under {ctx.out / 'show_and_fool'}."
+    )
+    ctx.report.table(
+        ["mode", "success rate", "mean L2", "n"],
+        [[m, b["success_rate"], b["mean_l2"], b["n"]] for m, b in blocks.items()],
+    )
+
+
+def stage_transfer_study(ctx: DemoContext) -> None:
+    """Transfer matrix and leave-one-out ensembles over three captioners (papers 000 and 004; issue 5)."""
+    from lightning_app.studies.transfer import run_and_report, study_settings
+
+    cfg = study_settings(ctx.profile, seed=ctx.seed, wandb=ctx.wandb)
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    data = {"format": "coco", "root": str(ctx.data_root), "image_size": datamodule.image_size}
+    block = run_and_report(data, ctx.out / "transfer_study", cfg, ctx.report)
+    ctx.results["transfer"] = block["transfer"]
+    ctx.results["ensemble"] = block["ensemble"]
+    ctx.results["transfer_study"] = {k: v for k, v in block.items() if k not in ("transfer", "ensemble")}
+
+
 register_stage("data", stage_data)
 register_stage("baseline", stage_baseline)
 register_stage("freeze_study", stage_freeze_study)
 register_stage("backdoor_study", stage_backdoor_study)
+register_stage("show_and_fool", stage_show_and_fool)
+register_stage("transfer_study", stage_transfer_study)
 
 
 def run_demo(out: Path, data_root: Path, profile: str = "quick", seed: int = 0, wandb: bool = True) -> DemoContext:

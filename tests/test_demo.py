@@ -27,6 +27,19 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert Path(baseline["checkpoint"]).is_file()
     assert baseline["train_seconds"] > 0
 
+    # Issue 5's blocks: every Show-and-Fool mode is reported (run, or why not), and the transfer study's matrices.
+    assert set(results["show_and_fool"]) == {"caption", "keyword_1", "keyword_2", "keyword_3", "settings"}
+    for mode in ("caption", "keyword_1", "keyword_2", "keyword_3"):
+        block = results["show_and_fool"][mode]
+        assert {"success_rate", "mean_l2", "n"} <= set(block)
+        assert block["n"] > 0 or block["not_run"]
+    models = [m["name"] for m in results["transfer"]["models"]]
+    assert len(models) == 3
+    for kind in ("targeted", "non_targeted"):
+        assert set(results["transfer"]["matrix"][kind]) == set(models)
+    assert {r["held_out"] for r in results["ensemble"]["rows"]} == set(models)
+
     report = (out / "report.html").read_text()
+    assert "Show-and-Fool" in report
     assert "Baseline" in report and report.count("data:image/png;base64,") >= 2  # curves + test grid
     assert (data / "meta.json").is_file()  # the data was created because it was missing
