@@ -39,8 +39,9 @@ from modules.captioning import CaptioningModule
 from modules.evaluation import bleu_of, evaluation_loader
 from modules.metrics.targeted import FAILURE_SCORES
 from modules.targeted_eval import mode_keywords, run_show_and_fool
+from modules.transfer import rmsd_255
 
-__all__ = ["SUBCOMMANDS", "amplified_delta", "attack_main", "build_parser", "rmsd_255"]
+__all__ = ["SUBCOMMANDS", "amplified_delta", "attack_main", "build_parser"]
 
 SUBCOMMANDS: tuple[str, ...] = ("show-and-fool", "fgsm", "pgd", "ensemble")
 DIFFERENCE_GAIN = 10.0  # the examples show 0.5 + 10 * delta: Show-and-Fool's perturbations are invisible at 1x
@@ -48,15 +49,6 @@ ENSEMBLE_METHODS: tuple[str, ...] = ("optimization", "fg", "fgs")
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-def rmsd_255(clean: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
-    """Paper 004's distortion per image: root mean square deviation on the 0-255 pixel scale.
-
-    Shape:
-        ``clean`` and ``adversarial``: ``(B, 3, H, W)`` in [0, 1]; returns ``(B,)``.
-    """
-    return (adversarial.float() - clean.float()).flatten(1).pow(2).mean(1).sqrt() * 255.0
-
-
 def amplified_delta(clean: torch.Tensor, adversarial: torch.Tensor, gain: float = DIFFERENCE_GAIN) -> torch.Tensor:
     """``0.5 + gain * (adversarial - clean)`` clamped to [0, 1]: grey where nothing changed.
 

@@ -11,11 +11,12 @@ import torch
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
-from lightning_app.attack import amplified_delta, rmsd_255
+from lightning_app.attack import amplified_delta
 from lightning_app.cli import main
 from modules.attacks.show_and_fool import ShowAndFool
 from modules.captioning import CaptioningModule
 from modules.evaluation import evaluation_loader
+from modules.transfer import rmsd_255
 
 TARGET = "a small red cross to the left of a small red cross"  # words of the shapes vocabulary
 

@@ -1,8 +1,9 @@
 """Adversarial attacks on captioners, one file per method, all in [0, 1] pixel space (DESIGN.md).
 
-Every attack is called as ``attack(captioner, pixel_values, labels) -> adversarial pixel_values`` and works inside
-``torch.inference_mode`` / ``no_grad`` (validation), never touches the parameters' ``.grad`` and leaves the model's
-train/eval mode as it found it.
+Every :class:`Attack` (FGSM, PGD, FG) is called as ``attack(captioner, pixel_values, labels) -> adversarial images``;
+:class:`ShowAndFool` (targeted, paper 000) takes per-image target ids and :class:`EnsembleAttack` (paper 004) several
+captioners. All work inside ``torch.inference_mode`` / ``no_grad`` (validation), never touch the parameters' ``.grad``
+and leave the model's train/eval mode as they found it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from modules.attacks.base import (
     project_linf,
     uniform_start,
 )
+from modules.attacks.ensemble import EnsembleAttack
 from modules.attacks.fg import FG
 from modules.attacks.fgsm import FGSM
 from modules.attacks.pgd import PGD
+from modules.attacks.show_and_fool import ShowAndFool, ShowAndFoolResult
 
 # name -> (class, options the name fixes)
 _REGISTRY: dict[str, tuple[type[Attack], dict[str, Any]]] = {
@@ -64,6 +67,9 @@ __all__ = [
     "FGSM",
     "PGD",
     "Attack",
+    "EnsembleAttack",
+    "ShowAndFool",
+    "ShowAndFoolResult",
     "build_attack",
     "check_epsilon",
     "check_step_size",
