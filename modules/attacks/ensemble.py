@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -328,13 +328,7 @@ class EnsembleAttack:
         Returns:
             The adversarial images, detached, in [0, 1]. Shape: ``(B, 3, H, W)``.
         """
-        self._check_call(pixel_values, targets)
-        with torch.inference_mode(False), ExitStack() as stack:
-            for member in self.members:
-                stack.enter_context(eval_mode(member, self.use_eval_mode))
-            # Tensors created under inference_mode cannot join autograd: clone them outside it.
-            x = pixel_values.detach().clone()
-            labels = [y.clone() for y in self.member_labels(x, targets)]
+        with self._prepared(pixel_values, targets) as (x, labels):
             if self.method == "optimization":
                 return self._optimize(x, labels).detach()
             return (x + self._fast_gradient_step(x, labels)).clamp(0.0, 1.0).detach()
@@ -349,13 +343,21 @@ class EnsembleAttack:
         """
         if self.method == "optimization":
             raise RobucapError("EnsembleAttack.perturbation is defined for the fg and fgs methods only")
+        with self._prepared(pixel_values, targets) as (x, labels):
+            return self._fast_gradient_step(x, labels).detach()
+
+    @contextmanager
+    def _prepared(
+        self, pixel_values: torch.Tensor, targets: Sequence[Sequence[int]] | None
+    ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Checked inputs, members in eval mode and autograd on: yields the images and each member's labels."""
         self._check_call(pixel_values, targets)
         with torch.inference_mode(False), ExitStack() as stack:
             for member in self.members:
                 stack.enter_context(eval_mode(member, self.use_eval_mode))
+            # Tensors created under inference_mode cannot join autograd: clone them outside it.
             x = pixel_values.detach().clone()
-            labels = [y.clone() for y in self.member_labels(x, targets)]
-            return self._fast_gradient_step(x, labels).detach()
+            yield x, [y.clone() for y in self.member_labels(x, targets)]
 
     def _optimize(self, x: torch.Tensor, labels: list[torch.Tensor]) -> torch.Tensor:
         y = to_tanh_space(x)
