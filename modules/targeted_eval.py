@@ -16,11 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.errors import RobucapError
-from datamodules.text import normalize_caption
 from modules.attacks.show_and_fool import ShowAndFool, caption_ids
 from modules.attacks.targets import keyword_ids, paper_targets, target_caption_ids
 from modules.captioning import CaptioningModule
-from modules.metrics.targeted import keywords_found, summarize_targeted
+from modules.metrics.targeted import summarize_targeted
+from modules.transfer import hits_target
 
 __all__ = ["MODE_NAMES", "greedy_captions", "mode_keywords", "mode_name", "run_show_and_fool"]
 
@@ -78,12 +78,6 @@ def _encode(module: CaptioningModule, target: str | Sequence[str]) -> list[int]:
     if isinstance(target, str):
         return target_caption_ids(module.tokenizer, target)
     return keyword_ids(module.tokenizer, target)
-
-
-def _already_met(clean: str, target: str | Sequence[str]) -> bool:
-    if isinstance(target, str):
-        return normalize_caption(clean) == normalize_caption(target)
-    return keywords_found(clean, target) == len(target)
 
 
 def run_show_and_fool(
@@ -161,7 +155,7 @@ def run_show_and_fool(
     if target is not None:
         targets: list[Any] = [target] * n
         sources: list[str | None] = [None] * n
-        attacked = [i for i in range(n) if not _already_met(clean[i], target)]
+        attacked = [i for i in range(n) if not hits_target(clean[i], target)]
     else:
         # Images no other image offers a target to (e.g. every caption alike) are skipped, not fatal.
         chosen = paper_targets(clean, n_keywords, seed)
