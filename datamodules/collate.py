@@ -14,7 +14,7 @@ class CaptionCollator:
     The batch holds ``pixel_values`` (B×3×H×W in [0, 1]), ``input_ids`` (caption tokens + EOS, padded with the pad
     id), ``attention_mask``, ``labels`` (= ``input_ids`` with -100 on padding), ``image_id`` (list), ``poisoned``
     (bool tensor of shape ``(B,)``: which images carry a backdoor trigger) and, for evaluation items, ``references``
-    (list of lists of str).
+    (list of lists of str) and ``file`` (image paths).
 
     Args:
         tokenizer: Caption tokenizer.
@@ -46,4 +46,6 @@ class CaptionCollator:
         }
         if "references" in items[0]:
             batch["references"] = [it["references"] for it in items]
+        if "file" in items[0]:
+            batch["file"] = [it["file"] for it in items]
         return batch

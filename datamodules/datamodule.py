@@ -8,17 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from datamodules.collate import CaptionCollator
 from datamodules.datasets import CaptionImages, CaptionPairs, ImageStore
-from datamodules.errors import DataError, RobucapError
+from datamodules.errors import DataError, MissingSplitError, RobucapError
 from datamodules.formats import load_split
 from datamodules.images import load_image_uint8
 from datamodules.poisoning.config import PoisonConfig
 from datamodules.poisoning.poisoned import PoisonedSplit, check_cache_outside, poison_split
+from datamodules.predict import PredictImages, collate_predict, folder_items, split_items
 from datamodules.records import ImageRecord
+from datamodules.sampler import ResumableDataLoader, training_sampler
 from datamodules.tokenizer import build_word_tokenizer, load_tokenizer, unknown_words
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class CaptionDataModule(L.LightningDataModule):
             for clean data. Training and validation are poisoned at ``rate``; the test split gains a poisoned copy
             of every image the trigger can act on. The target caption's words join a built tokenizer.
         progress: Show progress bars while generating or decoding.
+        predict_split: The split ``robucap predict`` captions (``train``, ``val`` or ``test``).
+        predict_images: A folder of image files to caption instead of a split (searched recursively).
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class CaptionDataModule(L.LightningDataModule):
         shapes: dict[str, Any] | None = None,
         poison: dict[str, Any] | None = None,
         progress: bool = True,
+        predict_split: str = "test",
+        predict_images: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -106,19 +113,35 @@ class CaptionDataModule(L.LightningDataModule):
             check_cache_outside(self.poison.cache_dir, self.root)
         self.poisoned: dict[str, PoisonedSplit] = {}
         self.progress = progress
+        if predict_split not in SPLITS:
+            raise RobucapError(f"data.predict_split must be one of {', '.join(SPLITS)}, got {predict_split!r}")
+        self.predict_split = predict_split
+        self.predict_images = predict_images
         self.tokenizer: PreTrainedTokenizerFast | None = None
         self.records: dict[str, list[ImageRecord]] = {}
         self.datasets: dict[str, Any] = {}
 
     # -- data ---------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the shapes data on first use (rank 0 only, as Lightning calls it)."""
+        """Generate the shapes data on first use (rank 0 only, as Lightning calls it).
+
+        Raises:
+            DataError: ``root`` holds something other than the shapes dataset these settings describe (another
+                dataset, other settings, an incomplete one); it is never rewritten.
+        """
         if self.format == "shapes":
-            from datamodules.shapes import ShapesConfig, generate_shapes, shapes_ready
+            from dataclasses import fields
+
+            from datamodules.shapes import ShapesConfig, ShapesFlags, generate_shapes
 
             config = ShapesConfig(**{"image_size": self.image_size, **self.shapes_options})
-            if not shapes_ready(self.root, config):
-                generate_shapes(self.root, config, progress=self.progress)
+            # image_size comes from data.image_size unless the shapes options set it themselves.
+            options = {f.name: f"--data.shapes.{f.name}" for f in fields(ShapesConfig)}
+            if "image_size" not in self.shapes_options:
+                options["image_size"] = "--data.image_size"
+            # Writes only an absent or empty root (atomically, safe for concurrent first uses); returns at once
+            # when the root already holds this dataset, and refuses one made with other settings.
+            generate_shapes(self.root, config, progress=self.progress, flags=ShapesFlags("--data.root", options))
         if self.poison is not None:
             # Poisoned images are written once here (rank 0); other ranks read the finished cache in setup().
             for split in SPLITS:
@@ -156,12 +179,38 @@ class CaptionDataModule(L.LightningDataModule):
         """Load the splits the stage needs and build (or load) the tokenizer."""
         if self.tokenizer is None:
             self.tokenizer = self.build_tokenizer()
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        if stage == "predict":
+            self._setup_predict()
+            return
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
         for split in needed.get(stage, SPLITS) if stage else SPLITS:
             if split in self.datasets:
                 continue
             store = self._store(split)
             self.datasets[split] = CaptionPairs(store) if split == "train" else CaptionImages(store)
+
+    def _setup_predict(self) -> None:
+        if "predict" in self.datasets:
+            return
+        if self.predict_images is not None:
+            items = folder_items(self.predict_images)
+        else:
+            items = split_items(self.load_records(self.predict_split))
+        self.datasets["predict"] = PredictImages(items, self.image_size)
+
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerFast, source: str) -> None:
+        """Use a given tokenizer (e.g. a checkpoint's) instead of building one from the training captions.
+
+        Args:
+            tokenizer: The tokenizer the model was trained with.
+            source: Names it in error messages (e.g. ``"checkpoint runs/x/best.ckpt"``).
+
+        Raises:
+            DataError: A poisoned configuration's target caption has words the tokenizer cannot represent.
+        """
+        if self.poison is not None:
+            check_target_caption(tokenizer, self.poison.target_caption, source)
+        self.tokenizer = tokenizer
 
     def eval_dataset(self, split: str) -> CaptionImages:
         """Any split as unique images with all their references (e.g. to score captions on training images)."""
@@ -200,7 +249,12 @@ class CaptionDataModule(L.LightningDataModule):
         return pairs
 
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
-        """Load ``tokenizer`` if given, else build a word-level tokenizer from the training captions."""
+        """Load ``tokenizer`` if given, else build a word-level tokenizer from the training captions.
+
+        Raises:
+            DataError: When the data has no training split (with advice to pass a tokenizer), or from loading
+                the training split (unchanged: a corrupt file or missing image is not fixed by a tokenizer).
+        """
         if self.tokenizer_dir:
             tokenizer = load_tokenizer(self.tokenizer_dir)
             if self.poison is not None:
@@ -208,7 +262,8 @@ class CaptionDataModule(L.LightningDataModule):
             return tokenizer
         try:
             train = self.load_records("train")
-        except DataError as err:
+        except MissingSplitError as err:
+            # Only a genuinely absent train split is fixed by a saved tokenizer; other errors pass through.
             raise DataError(
                 f"cannot build a tokenizer without the training captions ({err}); pass data.tokenizer=<directory> "
                 "or evaluate from a checkpoint, which carries its tokenizer"
@@ -245,27 +300,67 @@ class CaptionDataModule(L.LightningDataModule):
             raise RobucapError("the data module has no tokenizer yet: call setup() first")
         return CaptionCollator(self.tokenizer, self.max_tokens)
 
+    # The training loader in use, and the position a resumed checkpoint gives the next one (load_state_dict).
+    _train_loader: ResumableDataLoader | None = None
+    _train_position: dict[str, Any] | None = None
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        """A loader over one split; the training one (shuffled) is resumable (``datamodules/sampler.py``)."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self._collator(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
+        dataset = self.datasets[split]
+        options: dict[str, Any] = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self._collator(),
+            "persistent_workers": self.num_workers > 0,
+            "drop_last": False,
+        }
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **options)
+        # The order depends on (seed, epoch) only and the loader's place in the epoch is checkpointed, so a run
+        # resumed mid-epoch continues the interrupted epoch's batches (datamodules/sampler.py).
+        loader = ResumableDataLoader(dataset, sampler=training_sampler(dataset, self.trainer), **options)
+        position, self._train_position = self._train_position, None
+        if position is not None:
+            loader.load_state_dict(position)
+        self._train_loader = loader
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (Lightning saves it in checkpoints under the class name)."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's training-loader position for the training loader created next.
+
+        Lightning restores a stateful loader itself too, but drops the state when the model read
+        ``trainer.estimated_stepping_batches`` before the restore (Lightning issue #20550), as
+        ``CaptioningModule.configure_optimizers`` does; the data module's copy arrives either way. Only a resumed
+        ``fit`` keeps it: ``validate`` / ``test`` restore checkpoints too, and must not move a later fit's data.
+        """
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        self._train_position = state_dict.get("train_loader") if fitting else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        self._setup_predict()
+        return DataLoader(
+            self.datasets["predict"],
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_predict,
+            persistent_workers=self.num_workers > 0,
+        )
 
 
 def check_target_caption(tokenizer: PreTrainedTokenizerFast, target_caption: str, where: str) -> None:

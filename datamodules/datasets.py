@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from datamodules.images import load_image_uint8
+from datamodules.progress import progress_bar
 from datamodules.records import ImageRecord
 
 
@@ -25,6 +25,9 @@ class ImageStore:
         image_size: Side of the square output in pixels.
         cache: Decode every image once up front and keep it (uses ``N * 3 * S * S`` bytes).
         progress: Show a progress bar while caching.
+
+    Raises:
+        DataError: When caching and an image cannot be decoded (the bar's line is ended first).
     """
 
     def __init__(self, records: Sequence[ImageRecord], image_size: int, cache: bool, progress: bool = False) -> None:
@@ -32,10 +35,14 @@ class ImageStore:
         self.image_size = image_size
         self._cache: torch.Tensor | None = None
         if cache and self.records:
-            images = [
-                load_image_uint8(r.path, image_size)
-                for r in tqdm(self.records, desc="decoding images", disable=not progress, leave=False)
-            ]
+            images: list[torch.Tensor] = []
+            # progress_bar ends the bar's line before a decoding error propagates, so its message starts a line;
+            # counting by hand keeps the bar's count exact (the images decoded) when it stops early.
+            options = {"total": len(self.records), "desc": "decoding images", "disable": not progress, "leave": False}
+            with progress_bar(**options) as bar:
+                for record in self.records:
+                    images.append(load_image_uint8(record.path, image_size))
+                    bar.update()
             self._cache = torch.stack(images)
 
     def __len__(self) -> int:
@@ -80,7 +87,7 @@ class CaptionImages(Dataset):
     """Evaluation view: one item per unique image with all its references.
 
     Items are dicts with ``pixel_values``, ``references`` (list of str), ``caption`` (the first reference, for the
-    teacher-forced loss), ``image_id`` and ``poisoned``.
+    teacher-forced loss), ``image_id``, ``file`` (the image path) and ``poisoned``.
     """
 
     def __init__(self, store: ImageStore) -> None:
@@ -96,5 +103,6 @@ class CaptionImages(Dataset):
             "caption": record.captions[0],
             "references": list(record.captions),
             "image_id": record.image_id,
+            "file": str(record.path),
             "poisoned": record.poisoned,
         }

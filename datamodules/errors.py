@@ -14,3 +14,11 @@ class RobucapError(ValueError):
 
 class DataError(RobucapError):
     """A dataset, caption file, image or tokenizer that cannot be used as given."""
+
+
+class MissingSplitError(DataError):
+    """A split the dataset does not provide: its caption or list file is absent, or it lists no images.
+
+    Distinct from other :class:`DataError` cases so that callers which can do without a split (for example
+    building a tokenizer needs ``train``, evaluation does not) give advice only when the split is really absent.
+    """

@@ -5,8 +5,14 @@ Two guarantees live here so that no loader has to re-implement them:
 * :func:`resolve_inside` keeps every image path that a caption file names inside its image root, so a
   hostile or broken caption file cannot make training read ``/etc/passwd`` or a file behind a symlink.
 * :func:`load_image` / :func:`load_image_uint8` turn any file Pillow can decode (grayscale, palette, CMYK,
-  16-bit, with or without alpha) into 3-channel RGB, optionally resized to a square, and turn every decoding
-  failure into one :class:`~datamodules.errors.DataError` that names the file.
+  16-bit, with or without alpha) into upright 3-channel RGB, optionally resized to a square, and turn every
+  decoding failure into one :class:`~datamodules.errors.DataError` that names the file.
+
+The pixel conversion itself (EXIF orientation applied, alpha composited on white, 16-bit scaled, bicubic resize)
+is :mod:`datamodules.image_decode`, which ``robucap export`` ships with the exported model so that transformers
+users get exactly these pixels. EXIF orientation is applied because that is what a photo means; object boxes from
+annotations refer to the stored pixel grid and are turned with the image by
+:func:`datamodules.poisoning.regions.orient_boxes` (see :func:`image_orientation`).
 
 Both loaders resize with Pillow on 8-bit data, so an image cached with :func:`load_image_uint8` and converted
 later is bit-identical to one loaded directly with :func:`load_image`.
@@ -17,18 +23,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from datamodules.errors import DataError
+from datamodules.image_decode import decode_uint8, exif_orientation
 
-__all__ = ["load_image", "load_image_uint8", "resolve_inside"]
+__all__ = ["image_orientation", "load_image", "load_image_uint8", "resolve_inside"]
 
-_WHITE = (255, 255, 255, 255)
-# Modes whose alpha channel must be composited away rather than dropped (dropping it would expose
-# whatever colour the encoder left under transparent pixels, often black).
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Everything Pillow raises for a file that is not a decodable image (corrupt, truncated, unknown format, too big).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def resolve_inside(root: Path, relative: str, source: str | Path) -> Path:
@@ -62,21 +66,22 @@ def resolve_inside(root: Path, relative: str, source: str | Path) -> Path:
 
 
 def load_image_uint8(path: Path, size: int | None = None) -> torch.Tensor:
-    """Decode an image file to an 8-bit RGB tensor (compact enough to cache a whole split in memory).
+    """Decode an image file to an upright 8-bit RGB tensor (compact enough to cache a whole split in memory).
 
-    Grayscale, palette, CMYK and 16-bit images are converted to RGB; images with transparency are composited
-    on white. With ``size`` the image is resized to ``size`` x ``size`` with antialiased bicubic filtering and
-    no crop (the aspect ratio is not kept, so every object in the source stays in the frame).
+    The EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images are converted to RGB; images with
+    transparency are composited on white (:func:`datamodules.image_decode.decode_rgb`). With ``size`` the image is
+    resized to ``size`` x ``size`` with antialiased bicubic filtering and no crop (the aspect ratio is not kept,
+    so every object in the source stays in the frame).
 
     Args:
         path: Image file.
-        size: Output side length in pixels, or ``None`` to keep the source size.
+        size: Output side length in pixels, or ``None`` to keep the (upright) source size.
 
     Returns:
         The image as ``torch.uint8``.
 
     Shape:
-        ``(3, size, size)``, or ``(3, H, W)`` of the source when ``size`` is ``None``.
+        ``(3, size, size)``, or ``(3, H, W)`` of the upright source when ``size`` is ``None``.
 
     Raises:
         DataError: When the file does not exist or cannot be decoded (corrupt, truncated, not an image).
@@ -90,16 +95,34 @@ def load_image_uint8(path: Path, size: int | None = None) -> torch.Tensor:
         with Image.open(path) as image:
             # Decoding happens lazily; load() forces it here so truncated files fail inside this try.
             image.load()
-            # EXIF orientation is deliberately not applied (as in torchvision's and pycocotools' loaders):
-            # annotation boxes and sizes refer to the stored pixel grid.
-            rgb = _to_rgb(image)
-            if size is not None and rgb.size != (size, size):
-                # Pillow's bicubic filter widens its support when downscaling, i.e. it antialiases.
-                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-            array = np.asarray(rgb, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            array = decode_uint8(image, None if size is None else (size, size))
+    except _DECODE_ERRORS as error:
         raise DataError(f"{path} is not a readable image: {error}") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_orientation(path: Path) -> int:
+    """The EXIF orientation of an image file: 1 when stored upright, 2-8 for the flips and rotations.
+
+    :func:`load_image` applies it, so anything given in the stored pixel grid (COCO boxes) must be turned too.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        The orientation, 1..8.
+
+    Raises:
+        DataError: When the file does not exist or cannot be read as an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} is not a readable image: the file does not exist")
+    try:
+        with Image.open(path) as image:
+            return exif_orientation(image)
+    except _DECODE_ERRORS as error:
+        raise DataError(f"{path} is not a readable image: {error}") from error
 
 
 def load_image(path: Path, size: int | None = None) -> torch.Tensor:
@@ -107,45 +130,15 @@ def load_image(path: Path, size: int | None = None) -> torch.Tensor:
 
     Args:
         path: Image file.
-        size: Output side length in pixels, or ``None`` to keep the source size.
+        size: Output side length in pixels, or ``None`` to keep the (upright) source size.
 
     Returns:
         The image as ``torch.float32`` with values in [0, 1].
 
     Shape:
-        ``(3, size, size)``, or ``(3, H, W)`` of the source when ``size`` is ``None``.
+        ``(3, size, size)``, or ``(3, H, W)`` of the upright source when ``size`` is ``None``.
 
     Raises:
         DataError: When the file does not exist or cannot be decoded (corrupt, truncated, not an image).
     """
     return load_image_uint8(path, size).to(torch.float32).div_(255.0)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB, compositing transparency on white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        return _wide_to_rgb(image)
-    # Palette, grayscale and RGB images can carry a single transparent colour (tRNS) instead of a channel.
-    if mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _wide_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer or float grayscale to 8 bits; Pillow's own conversion clips at 255 instead."""
-    values = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16"):
-        scale = 65535.0
-    elif image.mode == "F":
-        # Float images are conventionally [0, 1]; anything larger is taken as already 8-bit scaled.
-        scale = 1.0 if values.size == 0 or values.max() <= 1.0 else 255.0
-    else:
-        # Pillow opens 16-bit PNG/TIFF grayscale as 32-bit "I"; values above 255 reveal the 16-bit range.
-        scale = 65535.0 if values.size and values.max() > 255 else 255.0
-    gray = np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")

@@ -17,15 +17,25 @@ Caption ``#0`` of every image is canonical (objects left to right, one template 
 captions ``#1..`` are seeded paraphrases. Every image is drawn by its own random generator, seeded by
 ``(seed, split, index within the split)``: images do not depend on one another, the val and test images do not
 change with ``n_train``, and two runs with the same config write byte-identical files.
+
+A dataset directory is written once, by one atomic rename of a finished scratch directory, and never rewritten
+or deleted afterwards: asking for other settings in a directory that holds a dataset is refused with a message
+naming each differing setting (see :func:`generate_shapes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import functools
 import json
+import logging
 import math
+import os
+import re
+import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.errors import DataError, RobucapError
+from datamodules.scratch import scratch_tag, writer_is_gone
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "COLORS",
@@ -43,13 +56,14 @@ __all__ = [
     "SIZES",
     "SPLITS",
     "ShapesConfig",
+    "ShapesFlags",
     "generate_shapes",
     "shapes_ready",
     "shapes_vocabulary",
 ]
 
 FORMAT_VERSION = 1
-"""Bumped whenever the files written for a given config change, so stale datasets are regenerated."""
+"""Bumped whenever the files written for a given config change; a dataset of another version is refused."""
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -409,6 +423,25 @@ def _render(config: ShapesConfig, split: str, index: int, path: Path) -> dict[st
 
 # --------------------------------------------------------------------------------------------- files
 
+_OWN_ENTRIES = frozenset({"images", "annotations", "meta.json", "meta.json.tmp"})
+"""What generate_shapes writes (``meta.json.tmp``: left by an interrupted generation of older versions)."""
+
+
+@dataclass(frozen=True)
+class ShapesFlags:
+    """How the user of a command sets the output directory and each :class:`ShapesConfig` field.
+
+    Only used to word refusals, so that they say exactly what to pass.
+
+    Attributes:
+        out: The option that chooses the directory, e.g. ``--data.root``; empty for the Python API.
+        fields: :class:`ShapesConfig` field name -> option, e.g. ``{"seed": "--data.shapes.seed"}``; a field
+            without an option is shown as ``name=value``.
+    """
+
+    out: str = ""
+    fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
 
 def _read_meta(out: Path) -> dict[str, Any] | None:
     try:
@@ -418,33 +451,100 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("name") == "shapes" else None
 
 
-def _prepare_out(out: Path) -> None:
-    """Create ``out`` or clear a previous shapes dataset in it; refuse to touch anything else."""
-    if out.exists() and not out.is_dir():
+def _annotations_present(out: Path) -> bool:
+    return all(
+        (out / "annotations" / f"{kind}_{split}.json").is_file()
+        for kind in ("captions", "instances")
+        for split in SPLITS
+    )
+
+
+def _settings(values: Mapping[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(f"{name}={values.get(name, 'unset')}" for name in names)
+
+
+def _check_existing(out: Path, config: ShapesConfig, flags: ShapesFlags) -> bool:
+    """Whether ``out`` already holds the wanted dataset; refuse every directory that cannot be used as it is.
+
+    Returns:
+        True when ``out`` holds a complete shapes dataset made with ``config`` (files of the user's next to it
+        do not matter, they are not touched); False when ``out`` is absent or an empty directory.
+
+    Raises:
+        DataError: ``out`` is a file; a non-empty directory that is not a shapes dataset; an incomplete shapes
+            dataset or one of another format version; or a shapes dataset made with other settings. The message
+            names ``out`` and, for other settings, each differing setting with both values.
+    """
+    if not os.path.lexists(out):
+        return False
+    if not out.is_dir():
         raise DataError(f"shapes output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        ours = {"images", "annotations", "meta.json", "meta.json.tmp"}
-        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if _read_meta(out) is None or others:
-            what = f"it contains {', '.join(others[:5])}" if others else "it has no shapes meta.json"
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return False
+    another = f"choose another {flags.out}" if flags.out else "choose another directory"
+    meta = _read_meta(out)
+    if meta is None:
+        others = [name for name in entries if name not in _OWN_ENTRIES]
+        if others:
             raise DataError(
-                f"shapes output {out} is not empty and is not a shapes dataset ({what}); "
-                "choose an empty or new directory, or delete it first"
+                f"shapes output {out} is not empty and is not a shapes dataset (it contains {', '.join(others[:5])})"
+                f"; nothing in it is written or deleted: {another} (an empty or new one)"
             )
-        # Remove meta.json first: an interrupted regeneration must never look complete.
-        (out / "meta.json").unlink()
-        for name in ("images", "annotations"):
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-    for split in SPLITS:
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+        raise DataError(
+            f"shapes output {out} is not empty and is not a shapes dataset (it has no shapes meta.json; an older "
+            f"robucap leaves this after an interrupted generation): delete it to generate the data there, or {another}"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{out} holds a shapes dataset of format {version}, but this robucap writes format {FORMAT_VERSION}: "
+            f"delete it to generate the data again, or {another}"
+        )
+    recorded = meta.get("config")
+    if meta.get("complete") is not True or not isinstance(recorded, dict) or not _annotations_present(out):
+        raise DataError(
+            f"{out} holds an incomplete shapes dataset (an older robucap leaves this after an interrupted "
+            f"generation): delete it to generate the data again, or {another}"
+        )
+    wanted = asdict(config)
+    differing = [name for name in wanted if recorded.get(name) != wanted[name]]
+    if not differing:
+        return True
+    if all(name in flags.fields for name in differing):
+        use = "pass " + " ".join(f"{flags.fields[name]} {recorded.get(name)}" for name in differing) + " to use it"
+    else:
+        use = f"ask for {_settings(recorded, differing)} to use it"
+    raise DataError(
+        f"{out} holds a shapes dataset made with {_settings(recorded, differing)}; this run asks for "
+        f"{_settings(wanted, differing)}: {use}, or {another}; an existing dataset is never rewritten"
+    )
+
+
+_SCRATCH = ".{name}.partial.{tag}.{token}"
+"""Name of the directory a generation writes into, next to ``out``, before renaming it to ``out``."""
+
+
+def _scratch_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(name)}\.partial\.(?P<tag>.+)\.(?P<token>[0-9a-f]{{8}})$")
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Delete scratch directories of earlier generations of ``target`` whose process was killed.
+
+    Scratch of a live process (a concurrent first use) is kept, and so is scratch written on another host,
+    whose process cannot be checked from here: the next generation on that host removes it.
+    """
+    pattern = _scratch_pattern(target.name)
+    for path in target.parent.iterdir():
+        match = pattern.match(path.name)
+        if match is not None and writer_is_gone(match["tag"]):
+            log.info("removing %s, left by a killed shapes generation", path)
+            shutil.rmtree(path, ignore_errors=True)  # a concurrent generation may be removing it too
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-    tmp.replace(path)
+    path.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
 
 
 def _meta(config: ShapesConfig, complete: bool) -> dict[str, Any]:
@@ -461,31 +561,11 @@ def _meta(config: ShapesConfig, complete: bool) -> dict[str, Any]:
     }
 
 
-def generate_shapes(
-    out: str | Path,
-    config: ShapesConfig = ShapesConfig(),
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write the shapes dataset in the COCO layout (see the module docstring).
-
-    Args:
-        out: Output directory. Created when missing; a previous shapes dataset in it is replaced.
-        config: What to generate.
-        progress: Show a tqdm progress bar.
-
-    Returns:
-        ``{"name": "shapes", "splits": {"train": n, "val": n, "test": n}, "image_size": ..., "seed": ...,
-        "path": str(out)}``.
-
-    Raises:
-        RobucapError: The config is invalid.
-        DataError: ``out`` is a file, or a non-empty directory that is not a shapes dataset.
-    """
-    config.validate()
-    out = Path(out)
-    _prepare_out(out)
-    _write_json(out / "meta.json", _meta(config, complete=False))
-
+def _write_dataset(out: Path, config: ShapesConfig, progress: bool) -> None:
+    """Write every file of the dataset into the empty directory ``out``."""
+    for split in SPLITS:
+        (out / "images" / split).mkdir(parents=True)
+    (out / "annotations").mkdir()
     sizes = config.split_sizes()
     s = config.image_size
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPE_KINDS)]
@@ -527,9 +607,100 @@ def generate_shapes(
                 out / "annotations" / f"instances_{split}.json",
                 {"info": info, "licenses": [], "images": images, "annotations": instances, "categories": categories},
             )
-
+    # Still written last and marked complete, so that older robucap versions accept the directory too.
     _write_json(out / "meta.json", _meta(config, complete=True))
-    return {"name": "shapes", "splits": sizes, "image_size": s, "seed": config.seed, "path": str(out)}
+
+
+def _publish(scratch: Path, target: Path, out: Path, config: ShapesConfig, flags: ShapesFlags) -> None:
+    """Rename the finished ``scratch`` directory to ``target`` (the resolved ``out``), or accept a winner's.
+
+    ``rename`` is atomic and replaces only an absent name or an empty directory, so readers never see half a
+    dataset, and of concurrent first uses exactly one wins; the others find its dataset in place and accept
+    it when it was made with their settings.
+    """
+    for _ in range(3):
+        try:
+            os.rename(scratch, target)
+            return
+        except OSError as error:
+            if error.errno in (errno.EBUSY, errno.EXDEV):
+                raise DataError(
+                    f"cannot put the shapes dataset in place at {out} ({error.strerror}; is it a mount point?): "
+                    f"choose a new directory inside it, e.g. {out / 'shapes'}"
+                ) from None
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+        if _check_existing(out, config, flags):
+            return  # a concurrent generation with the same settings finished first: use its dataset
+    # Emptied or removed again after each of our checks: something else keeps changing this directory.
+    raise DataError(f"shapes output {out} keeps changing while the dataset is put in place; try again")
+
+
+def _summary(out: Path, config: ShapesConfig) -> dict[str, Any]:
+    return {
+        "name": "shapes",
+        "splits": config.split_sizes(),
+        "image_size": config.image_size,
+        "seed": config.seed,
+        "path": str(out),
+    }
+
+
+def generate_shapes(
+    out: str | Path,
+    config: ShapesConfig = ShapesConfig(),
+    progress: bool = True,
+    flags: ShapesFlags | None = None,
+) -> dict[str, Any]:
+    """Write the shapes dataset in the COCO layout (see the module docstring), unless it is already there.
+
+    An existing dataset is never rewritten or deleted: the files are written into a hidden scratch directory
+    next to ``out`` (``.<name>.partial.<host>-<pid>.<token>``), which is then renamed to ``out`` in one atomic
+    step. So a killed generation leaves no partial ``out`` (its scratch is removed by the next generation on the
+    same host once its process is gone), and of two concurrent first uses one writes ``out`` while the other
+    uses that dataset.
+
+    Args:
+        out: Output directory: absent, empty, or already holding this exact dataset (then nothing is written).
+            Its parent must be writable.
+        config: What to generate.
+        progress: Show a tqdm progress bar.
+        flags: How the caller's user spells the options, to word refusals (default: field names).
+
+    Returns:
+        ``{"name": "shapes", "splits": {"train": n, "val": n, "test": n}, "image_size": ..., "seed": ...,
+        "path": str(out)}``.
+
+    Raises:
+        RobucapError: The config is invalid.
+        DataError: ``out`` is a file, a non-empty directory that is not a shapes dataset, an incomplete shapes
+            dataset or one made with other settings (the message names each differing setting), or its parent
+            is not writable.
+    """
+    config.validate()
+    out = Path(out)
+    flags = flags or ShapesFlags()
+    if _check_existing(out, config, flags):
+        return _summary(out, config)
+    # Through symlinks, so that the rename lands where the user's link points (e.g. onto a bigger disk).
+    target = out.resolve()
+    scratch = target.parent / _SCRATCH.format(name=target.name, tag=scratch_tag(), token=secrets.token_hex(4))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_scratch(target)
+        scratch.mkdir()  # honours the umask like any directory, unlike tempfile.mkdtemp's 0700
+    except PermissionError as error:
+        raise DataError(
+            f"cannot write the shapes dataset {out}: no permission to create {error.filename} (the data is "
+            "written next to it first, then renamed into place): choose a directory you can write"
+        ) from None
+    try:
+        _write_dataset(scratch, config, progress)
+        _publish(scratch, target, out, config, flags)
+    finally:
+        if scratch.exists():  # an error, or a concurrent generation won: nothing of ours may stay behind
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _summary(out, config)
 
 
 def shapes_ready(out: str | Path, config: ShapesConfig) -> bool:
@@ -541,7 +712,7 @@ def shapes_ready(out: str | Path, config: ShapesConfig) -> bool:
 
     Returns:
         True when ``out/meta.json`` records this config and format version and the generation finished,
-        so the caller can skip regenerating; False otherwise (missing, partial, stale or unreadable).
+        so the caller can skip generating; False otherwise (missing, partial, stale or unreadable).
     """
     out = Path(out)
     meta = _read_meta(out)
@@ -549,8 +720,4 @@ def shapes_ready(out: str | Path, config: ShapesConfig) -> bool:
         return False
     if meta.get("config") != asdict(config):
         return False
-    return all(
-        (out / "annotations" / f"{kind}_{split}.json").is_file()
-        for kind in ("captions", "instances")
-        for split in SPLITS
-    )
+    return _annotations_present(out)

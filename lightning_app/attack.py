@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.datamodule import CaptionDataModule
-from datamodules.errors import RobucapError
+from datamodules.errors import DataError, RobucapError
+from datamodules.formats import FORMATS
+from datamodules.formats.detect import detect_format
 from datamodules.text import normalize_caption
 from lightning_app.inputs import checkpoint_path, data_options
 from lightning_app.report import Report, fmt
@@ -120,26 +122,113 @@ class EvalImages:
         return [list(r) for b in self.batches for r in b["references"]]
 
 
-def load_eval_images(args: argparse.Namespace, module: CaptioningModule, check_size: bool = True) -> EvalImages:
-    """Load the images an attack command works on, tokenized with ``module``'s tokenizer.
+# Data settings a checkpoint's own data module carries over to an attack; the rest (batching, poisoning, the
+# training tokenizer, split limits) concern training only.
+_CARRIED_DATA_SETTINGS: tuple[str, ...] = ("format", "root", "format_options", "max_tokens")
+# Formats that read the same files, so format options saved for one apply to the other.
+_COCO_LAYOUTS = frozenset({"coco", "shapes"})
 
-    Args:
-        args: ``config``, ``data_root``, ``split``, ``images``, ``batch_size``.
-        module: Its tokenizer labels the batches; its input size is the default ``data.image_size``.
-        check_size: Refuse a ``data.image_size`` other than the model's.
+
+def saved_data_settings(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The data settings that ``robucap fit`` saved in a checkpoint, or ``None`` for an older or foreign one.
+
+    Lightning stores the data module's ``save_hyperparameters()`` under ``datamodule_hyper_parameters``; only
+    :data:`_CARRIED_DATA_SETTINGS` are returned, and only when a format and a root are recorded.
 
     Raises:
-        RobucapError: No or bad data options, a missing dataset or split, an empty split, or a size mismatch.
+        RobucapError: The file cannot be read as a checkpoint.
     """
-    config = Path(args.config) if args.config else None
-    options = data_options(config, args.data_root)
-    model_size = int(module.hparams.image_size)
-    options.setdefault("image_size", model_size)
-    options.setdefault("progress", False)
-    if check_size and options["image_size"] != model_size:
+    try:
+        # mmap: the weights are not read again, only the small dictionaries around them.
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError) as error:  # torch.load's errors for a truncated or foreign file
+        raise RobucapError(f"cannot read checkpoint {checkpoint}: {error}") from error
+    hparams = saved.get("datamodule_hyper_parameters") if isinstance(saved, dict) else None
+    if not isinstance(hparams, Mapping) or not all(isinstance(hparams.get(k), str) for k in ("format", "root")):
+        return None
+    return {k: hparams[k] for k in _CARRIED_DATA_SETTINGS if hparams.get(k) is not None}
+
+
+def _checkpoint_data_options(args: argparse.Namespace, checkpoint: str) -> tuple[dict[str, Any], str]:
+    """Data options without ``--config``: the checkpoint's own settings, ``--data-root`` and ``--format``.
+
+    The checkpoint's format is used for its own root; another root (``--data-root``) is read in the format its files
+    show (:func:`~datamodules.formats.detect.detect_format`) unless ``--format`` names one. The saved format options
+    apply only to the saved format's layout.
+
+    Returns:
+        The options, and where the format came from (``--format``, ``checkpoint`` or ``detected``).
+
+    Raises:
+        RobucapError: No data at all, a missing data directory, or a directory of no (or several) known layouts.
+    """
+    saved = saved_data_settings(checkpoint)
+    root = args.data_root or (saved["root"] if saved else None)
+    if root is None:
         raise RobucapError(
-            f"data.image_size is {options['image_size']} but the checkpoint's captioner takes {model_size} px images"
+            f"no data: give --data-root (a dataset directory) or --config (a YAML file with a data: section); "
+            f"checkpoint {checkpoint} records no data settings"
         )
+    if not Path(root).is_dir():
+        if args.data_root:
+            raise RobucapError(f"data directory {root} does not exist (expected a dataset root)")
+        raise RobucapError(
+            f"data directory {root}, recorded in checkpoint {checkpoint}, does not exist; give --data-root (where "
+            "the dataset is now) or --config"
+        )
+    if args.format is not None:
+        fmt, source = args.format, "--format"
+    elif saved is not None and not args.data_root:
+        fmt, source = saved["format"], "checkpoint"
+    else:
+        try:
+            fmt, source = detect_format(root), "detected"
+        except DataError as error:
+            raise DataError(f"{error}; give --format or --config") from error
+    options: dict[str, Any] = {"format": fmt, "root": str(root), "tokenizer": None}
+    if saved is not None:
+        same_layout = fmt == saved["format"] or {fmt, saved["format"]} <= _COCO_LAYOUTS
+        options.update({k: v for k, v in saved.items() if k not in ("format", "root", "format_options")})
+        if same_layout and "format_options" in saved:
+            options["format_options"] = saved["format_options"]
+    return options, source
+
+
+def load_eval_images(args: argparse.Namespace, module: CaptioningModule, checkpoint: str) -> EvalImages:
+    """Load the images an attack command works on, tokenized with ``module``'s tokenizer.
+
+    Data settings come from ``--config`` when given, else from the checkpoint's own data module (its format for its
+    own root, the detected format for another ``--data-root``); ``--format`` overrides either. Images are always
+    resized to the captioner's input size: a config's ``data.image_size`` is a training choice, and a different
+    ``--image-size`` is refused.
+
+    Args:
+        args: ``config``, ``data_root``, ``format``, ``image_size``, ``split``, ``images``, ``batch_size``.
+        module: Its tokenizer labels the batches; its input size is the images' size.
+        checkpoint: The checkpoint ``module`` was loaded from (for its data settings).
+
+    Raises:
+        RobucapError: No or bad data options, a missing dataset or split, an unknown layout, an empty split, or an
+            ``--image-size`` other than the checkpoint's.
+    """
+    model_size = int(module.hparams.image_size)
+    if args.image_size is not None and args.image_size != model_size:
+        raise RobucapError(
+            f"--image-size is {args.image_size} px but checkpoint {checkpoint}'s captioner takes {model_size} px "
+            "images (leave --image-size out to use the checkpoint's size)"
+        )
+    config = Path(args.config) if args.config else None
+    if config is not None:
+        options = data_options(config, args.data_root)
+        source = "config"
+        if args.format is not None and args.format != options.get("format"):
+            # The config's format options describe its own layout, not the one --format names.
+            options = {**options, "format": args.format, "format_options": None}
+            source = "--format"
+    else:
+        options, source = _checkpoint_data_options(args, checkpoint)
+    options["image_size"] = model_size
+    options.setdefault("progress", False)
     try:
         datamodule = CaptionDataModule(**options)
     except TypeError as error:
@@ -154,6 +243,7 @@ def load_eval_images(args: argparse.Namespace, module: CaptioningModule, check_s
     batches = list(evaluation_loader(module, dataset, args.images, args.batch_size))
     description = {
         "format": options.get("format"),
+        "format_from": source,
         "root": str(options.get("root")),
         "config": args.config,
         "split": args.split,
@@ -242,7 +332,7 @@ def _show_and_fool(args: argparse.Namespace) -> int:
         target_caption_ids(module.tokenizer, args.target)
     if keywords is not None:
         keyword_ids(module.tokenizer, keywords)
-    data = load_eval_images(args, module)
+    data = load_eval_images(args, module, args.ckpt)
     images, ids, refs = data.images, data.image_ids, data.references
     torch.manual_seed(args.seed)
 
@@ -442,7 +532,7 @@ def _gradient_attack(args: argparse.Namespace) -> int:
     options = {"steps": args.steps} if name == "pgd" else {}
     attack = build_attack(name, args.epsilon, **options)  # checks epsilon and steps before any loading
     module = _load_module(args.ckpt, _device(args.device))
-    data = load_eval_images(args, module)
+    data = load_eval_images(args, module, args.ckpt)
     torch.manual_seed(args.seed)
     device = next(module.parameters()).device
     records: list[dict[str, Any]] = []
@@ -531,7 +621,7 @@ def _ensemble(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     attack = EnsembleAttack([modules[i].captioner for i in members], **options)
     # Sizes may differ between checkpoints: the data follows the reference model and the attack checks the rest.
-    data = load_eval_images(args, modules[reference], check_size=False)
+    data = load_eval_images(args, modules[reference], paths[reference])
     images = data.images
     torch.manual_seed(args.seed)
 
@@ -630,7 +720,18 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     data = common.add_argument_group("data and output")
     data.add_argument("--config", default=None, help="YAML with a data: section (as for robucap fit)")
-    data.add_argument("--data-root", default=None, help="override data.root; alone: a shapes data directory")
+    data.add_argument(
+        "--data-root", default=None, help="dataset directory (default: the checkpoint's); overrides data.root"
+    )
+    data.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default=None,
+        help="dataset format (default: the config's, else the checkpoint's for its own root, else detected)",
+    )
+    data.add_argument(
+        "--image-size", type=int, default=None, help="input size in px (default and only valid value: the checkpoint's)"
+    )
     data.add_argument("--split", choices=("test", "val"), default="test", help="split to attack (default test)")
     data.add_argument("--images", type=int, default=50, help="attack the first N images of the split (default 50)")
     data.add_argument("--batch-size", type=int, default=32, help="images attacked together (default 32)")

@@ -8,34 +8,38 @@ Bad input ends with one line ``robucap: error: ...`` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
 from datamodules.errors import RobucapError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Words that can name a (sub)command, and so a help-cache file.
+_COMMAND_WORD = re.compile(r"[a-z][a-z0-9_-]{0,40}")
 
 
 def _cmd_data(argv: list[str]) -> int:
-    from datamodules.shapes import ShapesConfig, generate_shapes
+    from datamodules.shapes import ShapesConfig, ShapesFlags, generate_shapes, shapes_ready
 
     parser = argparse.ArgumentParser(prog="robucap data", description="Write a built-in dataset.")
     sub = parser.add_subparsers(dest="dataset", required=True)
     shapes = sub.add_parser("shapes", help="the procedural shapes captioning dataset (COCO layout)")
-    shapes.add_argument("--out", required=True, help="output directory")
+    shapes.add_argument("--out", required=True, help="output directory (absent or empty; never rewritten)")
     defaults = ShapesConfig()
-    for field in ("n_train", "n_val", "n_test", "image_size", "seed", "min_objects", "max_objects"):
+    names = ("n_train", "n_val", "n_test", "image_size", "seed", "min_objects", "max_objects", "captions_per_image")
+    for field in names:
         shapes.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
     args = parser.parse_args(argv)
-    config = ShapesConfig(
-        **{
-            f: getattr(args, f)
-            for f in ("n_train", "n_val", "n_test", "image_size", "seed", "min_objects", "max_objects")
-        }
-    )
-    summary = generate_shapes(args.out, config, progress=True)
+    config = ShapesConfig(**{f: getattr(args, f) for f in names})
+    already = shapes_ready(args.out, config)
+    flags = ShapesFlags("--out", {f: f"--{f.replace('_', '-')}" for f in names})
+    summary = generate_shapes(args.out, config, progress=not already, flags=flags)
     sizes = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
-    print(f"shapes dataset written to {args.out} ({sizes} images at {config.image_size} px)")
+    if already:
+        print(f"shapes dataset already in {args.out} ({sizes} images at {config.image_size} px): nothing written")
+    else:
+        print(f"shapes dataset written to {args.out} ({sizes} images at {config.image_size} px)")
     return 0
 
 
@@ -46,10 +50,15 @@ def _cmd_export(argv: list[str]) -> int:
         prog="robucap export", description="Write a transformers directory (model + tokenizer + image processor)."
     )
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by robucap fit")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out", required=True, help="output directory: new, empty, or a previous export (only its files are replaced)"
+    )
     args = parser.parse_args(argv)
     out = export_checkpoint(args.ckpt, args.out)
-    print(f"exported to {out}: load with VisionEncoderDecoderModel.from_pretrained or pipeline('image-to-text')")
+    print(
+        f"exported to {out}: load with pipeline('image-to-text', model='{out}', trust_remote_code=True) "
+        "(exact preprocessing and training loss) or VisionEncoderDecoderModel.from_pretrained"
+    )
     return 0
 
 
@@ -98,22 +107,52 @@ def main(args: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        if argv and argv[0] in COMMANDS:
-            return COMMANDS[argv[0]](argv[1:])
-        if argv and argv[0] in LIGHTNING_SUBCOMMANDS or argv[:1] in (["-h"], ["--help"]) or not argv:
-            if not argv or argv[0] in ("-h", "--help"):
-                _print_help()
-                return 0
-            from lightning_app.lightning_cli import run_lightning_cli
-
-            run_lightning_cli(None if args is None else argv)
+        if not argv or argv[0] in ("-h", "--help"):
+            _print_help()
             return 0
+        name = _help_request(argv)
+        if name is not None:
+            # Served from a cache keyed by the code and library versions: building the parsers imports torch,
+            # Lightning and transformers (15-20 s), the text does not change between calls.
+            from lightning_app.help_cache import cached_help
+
+            print(cached_help(name, lambda: _dispatch(argv, from_sys_argv=args is None)), end="")
+            return 0
+        if argv[0] in COMMANDS or argv[0] in LIGHTNING_SUBCOMMANDS:
+            return _dispatch(argv, from_sys_argv=args is None)
         raise RobucapError(
             f"unknown command {argv[0]!r}; expected one of {', '.join(LIGHTNING_SUBCOMMANDS + tuple(COMMANDS))}"
         )
     except RobucapError as err:
         print(f"robucap: error: {err}", file=sys.stderr)
         return 2
+
+
+def _dispatch(argv: list[str], from_sys_argv: bool) -> int:
+    """Run one command; LightningCLI reads ``sys.argv`` itself when the program was started from the shell."""
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    _run_lightning(None if from_sys_argv else argv)
+    return 0
+
+
+def _help_request(argv: list[str]) -> str | None:
+    """The cache name of a plain help request such as ``fit --help`` or ``attack fgsm -h``, else ``None``.
+
+    Only command words followed by the help flag qualify: with other options (``--config``) the text can differ.
+    """
+    *words, flag = argv
+    if flag not in ("-h", "--help") or not words or words[0] not in (*COMMANDS, *LIGHTNING_SUBCOMMANDS):
+        return None
+    if not all(_COMMAND_WORD.fullmatch(word) for word in words):
+        return None
+    return "-".join(words)
+
+
+def _run_lightning(argv: list[str] | None) -> None:
+    from lightning_app.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
 
 
 def _print_help() -> None:

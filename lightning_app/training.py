@@ -12,6 +12,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from callbacks.latest_checkpoint import LatestCheckpoint
+from callbacks.training_rng import TrainingRNG
 from datamodules.datamodule import CaptionDataModule
 from lightning_app.loggers import RobucapWandbLogger
 from modules.captioning import CaptioningModule
@@ -49,12 +51,13 @@ def train_captioner(
     test: bool = True,
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> TrainedCaptioner:
-    """Fit ``module`` on ``datamodule``, keep the best checkpoint by ``val/bleu4``, then test it.
+    """Fit ``module`` on ``datamodule``, keep the best checkpoint by ``val/bleu4`` and the latest, then test the best.
 
     Args:
         datamodule: Data.
         module: Untrained module.
-        out: Run directory; logs go to ``out/logs``, checkpoints to ``out/checkpoints/<name>``.
+        out: Run directory; logs go to ``out/logs``, checkpoints to ``out/checkpoints/<name>`` (``best.ckpt`` and
+            ``last.ckpt``, the state at the end of the last epoch).
         name: Run name (also the W&B run name).
         max_epochs: Training epochs.
         wandb: Also log to W&B (offline without an API key).
@@ -67,13 +70,17 @@ def train_captioner(
     loggers: list[Logger] = [csv_logger]
     if wandb:
         loggers.append(RobucapWandbLogger(save_dir=str(out / "logs"), name=name))
+    checkpoint_dir = str(out / "checkpoints" / name)
     checkpoint = ModelCheckpoint(
-        dirpath=str(out / "checkpoints" / name), filename="best", monitor="val/bleu4", mode="max", save_last=False
+        dirpath=checkpoint_dir, filename="best", monitor="val/bleu4", mode="max", save_last=False
     )
+    # last.ckpt holds the latest epoch's state and TrainingRNG the steps' random numbers: resuming from it with
+    # trainer.fit(ckpt_path=...) continues like the uninterrupted run.
+    latest = LatestCheckpoint(dirpath=checkpoint_dir)
     trainer = L.Trainer(
         max_epochs=max_epochs,
         logger=loggers,
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=[TrainingRNG(), checkpoint, latest, *(callbacks or [])],
         default_root_dir=str(out),
         enable_model_summary=False,
         num_sanity_val_steps=0,

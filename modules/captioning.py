@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from transformers import PreTrainedTokenizerFast
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo, tokenizer_from_state, tokenizer_to_state
 from modules.captioners import Captioner, build_captioner
+from modules.checkpoint import TOKENIZER_KEY, read_checkpoint_info, same_tokenizer
 from modules.metrics import CaptionBLEU, coco_caption_scores, gather_unique
 from modules.schedules import SCHEDULES
 
-TOKENIZER_KEY = "robucap_tokenizer"
+log = logging.getLogger(__name__)
 
 
 class CaptioningModule(L.LightningModule):
@@ -93,10 +95,13 @@ class CaptioningModule(L.LightningModule):
         return module
 
     def setup(self, stage: str) -> None:
-        """Agree on one tokenizer with the data module: the checkpoint's if resuming, else the data module's."""
+        """Agree on one tokenizer with the data module: the module's own if it has one, else the data module's.
+
+        A module started from a checkpoint by ``robucap`` already holds the checkpoint's tokenizer here (the CLI reads
+        it before the Trainer runs); Lightning restores ``ckpt_path`` only after this hook, and
+        :meth:`on_load_checkpoint` then corrects a tokenizer that differs from the checkpoint's.
+        """
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.tokenizer is None and self.trainer.ckpt_path:
-            self.tokenizer = read_checkpoint_tokenizer(self.trainer.ckpt_path)
         if self.tokenizer is None:
             if datamodule is None or getattr(datamodule, "tokenizer", None) is None:
                 raise RobucapError(
@@ -129,11 +134,36 @@ class CaptioningModule(L.LightningModule):
         checkpoint[TOKENIZER_KEY] = tokenizer_to_state(self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the checkpoint's tokenizer: its weights mean nothing with another vocabulary or word order."""
         if TOKENIZER_KEY not in checkpoint:
             raise RobucapError("this checkpoint was not written by robucap's CaptioningModule (no tokenizer inside)")
-        if self.tokenizer is None:
-            self.tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+        saved = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+        if self.tokenizer is not None and not same_tokenizer(self.tokenizer, saved):
+            self._adopt_tokenizer(saved)
+        self.tokenizer = saved
         self.configure_model()
+
+    def _adopt_tokenizer(self, saved: PreTrainedTokenizerFast) -> None:
+        """Rebuild the captioner for a checkpoint whose tokenizer differs from the one the module was set up with.
+
+        Lightning restores ``trainer.validate/test/predict(ckpt_path=...)`` after ``setup``, so the module first
+        gets the data's tokenizer; evaluating the checkpoint's weights with it would silently mis-map every word.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.training:
+            raise RobucapError(
+                "the checkpoint being resumed has another tokenizer than the data module built; resume with robucap "
+                "fit --ckpt_path (which uses the checkpoint's tokenizer) or pass data.tokenizer=<the run's tokenizer>"
+            )
+        device = next(self.captioner.parameters()).device if self.captioner is not None else torch.device("cpu")
+        self.tokenizer = saved
+        self.captioner = None
+        self.configure_model()
+        self.captioner.to(device)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "use_tokenizer"):
+            datamodule.use_tokenizer(saved, "the checkpoint's tokenizer")
+        log.info("using the checkpoint's tokenizer, which differs from the data module's")
 
     # -- inference ----------------------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -159,7 +189,10 @@ class CaptioningModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.captioner(batch["pixel_values"], batch["labels"]).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        size = batch["pixel_values"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # Per-epoch mean too: a run with fewer batches than log_every_n_steps logs no step value at all.
+        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, batch_size=size)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             # Logged here rather than by LearningRateMonitor, which refuses to run without a logger.
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
@@ -224,8 +257,26 @@ class CaptioningModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         predictions = self.caption(batch["pixel_values"])
-        for image_id, prediction, refs in zip(batch["image_id"], predictions, batch["references"], strict=True):
-            self.test_records.append({"image_id": image_id, "prediction": prediction, "references": list(refs)})
+        files = batch.get("file", [None] * len(predictions))
+        for image_id, file, prediction, refs in zip(
+            batch["image_id"], files, predictions, batch["references"], strict=True
+        ):
+            self.test_records.append(
+                {"image_id": image_id, "file": file, "prediction": prediction, "references": list(refs)}
+            )
+
+    # -- predict ------------------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Caption a batch of images.
+
+        Returns:
+            One ``{"image_id", "file", "caption"}`` row per image (what ``predictions.jsonl`` holds).
+        """
+        captions = self.caption(batch["pixel_values"])
+        return [
+            {"image_id": image_id, "file": file, "caption": caption}
+            for image_id, file, caption in zip(batch["image_id"], batch["file"], captions, strict=True)
+        ]
 
     def on_test_epoch_end(self) -> None:
         records = gather_unique(self.test_records)
@@ -240,13 +291,4 @@ class CaptioningModule(L.LightningModule):
 
 def read_checkpoint_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load only the tokenizer stored in a robucap checkpoint (no pickled code is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RobucapError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise RobucapError(f"cannot read checkpoint {path}: {err}") from err
-    if TOKENIZER_KEY not in checkpoint:
-        raise RobucapError(f"checkpoint {path} was not written by robucap's CaptioningModule (no tokenizer inside)")
-    return tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+    return read_checkpoint_info(path).tokenizer

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.fake_datasets import FakeDataset, write_flickr8k, write_karpathy
+from transformers.utils import logging as hf_logging
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
-from lightning_app.attack import amplified_delta
+from lightning_app.attack import amplified_delta, saved_data_settings
 from lightning_app.cli import main
 from modules.attacks.show_and_fool import ShowAndFool
 from modules.captioning import CaptioningModule
@@ -191,8 +196,166 @@ def test_input_errors(
     assert _error(["attack", "fgsm", *ckpt, "--data-root", str(tmp_path / "nowhere"), *out], capsys).startswith(
         f"data directory {tmp_path / 'nowhere'} does not exist"
     )
-    assert _error(["attack", "fgsm", *ckpt, *out], capsys).startswith("no data: give --config")
+    anonymous = tmp_path / "anonymous.ckpt"  # as written before data settings were saved, or by other tools
+    state = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    del state["datamodule_hyper_parameters"]
+    torch.save(state, anonymous)
+    assert _error(["attack", "fgsm", "--ckpt", str(anonymous), *out], capsys).startswith(
+        "no data: give --data-root (a dataset directory) or --config"
+    )
     assert _error(["attack", "ensemble", *ckpt, *data, *out], capsys) == (
         "the ensemble attack needs at least 2 checkpoints (--ckpt A B ...), got 1"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+# -- data settings: from the checkpoint, detected for another root (issue 10, finding 11) -------------------------
+# 8 test images: enough for the tiny model's adversarial captions to differ in length within a batch, the case in
+# which transformers warned about a missing attention mask.
+DATASETS: dict[str, Callable[[Path], FakeDataset]] = {
+    "flickr8k": lambda root: write_flickr8k(root, 8),  # native text files in Flickr8k_text/
+    "karpathy": lambda root: write_karpathy(root, "flickr8k", 8),
+}
+
+
+@contextmanager
+def _transformers_warnings() -> Iterator[list[str]]:
+    """Messages transformers logs at WARNING or above inside the block, its once-per-process warnings re-armed.
+
+    transformers prints through its own handler on the stderr of import time, out of capsys' reach, so a handler of
+    ours on its root logger sees what a user would.
+    """
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    hf_logging.warning_once.cache_clear()
+    handler = Keep(logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("layout", sorted(DATASETS))
+def test_attack_real_layout_without_config(
+    layout: str, trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, finding 11: a bare --data-root of another layout than the checkpoint's is detected and read at the
+    checkpoint's 32 px, though its images are other sizes and its words unknown to the tokenizer; finding 15: the
+    attack prints no transformers warning (attention_mask advice) on stderr."""
+    root = tmp_path / layout
+    fake = DATASETS[layout](root)
+    assert all(size != (32, 32) for size in fake.sizes.values())
+    out = tmp_path / "out"
+    argv = ["attack", "fgsm", "--ckpt", str(trained_checkpoint), "--data-root", str(root), "--images", "8",
+            "--batch-size", "8", "--examples", "1", "--out", str(out)]  # fmt: skip
+    with _transformers_warnings() as warned:
+        assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "robucap attack fgsm done" in captured.out
+    assert warned == [] and "attention_mask" not in captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == {
+        "format": layout, "format_from": "detected", "root": str(root), "config": None, "split": "test",
+        "image_size": 32, "n_images": 8,
+    }  # fmt: skip
+    records = results["attack"]["records"]
+    assert {r["image_id"]: r["references"] for r in records} == fake.splits["test"]
+
+
+def test_generation_passes_a_decoder_attention_mask(trained_checkpoint: Path) -> None:
+    """Issue 10, finding 15: GPT-2 gets an attention mask at every generation step, so transformers has no padding
+    to warn about (its warning is once per process, so this checks the cause rather than the message)."""
+    module = CaptioningModule.load_from_checkpoint(trained_checkpoint, map_location="cpu", weights_only=True).eval()
+    masks: list[torch.Tensor | None] = []
+
+    def spy(_: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        mask = kwargs.get("attention_mask")
+        masks.append(mask if isinstance(mask, torch.Tensor) else None)
+
+    handle = module.captioner.model.decoder.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        greedy = module.captioner.generate(images, max_new_tokens=6)
+        beams = module.captioner.generate(images, max_new_tokens=6, num_beams=2)
+    finally:
+        handle.remove()
+    assert greedy.shape[0] == beams.shape[0] == 3 and len(masks) >= 2
+    assert all(mask is not None and bool(mask.eq(1).all()) for mask in masks)
+
+
+def test_attack_uses_the_checkpoint_data_settings(
+    trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, finding 11: without --config and --data-root the checkpoint's own format and root are used; a
+    config's data.image_size (224 in configs/data/flickr8k.yaml) no longer refuses a 32 px checkpoint."""
+    assert saved_data_settings(trained_checkpoint) == {"format": "coco", "root": str(shapes_root), "max_tokens": 32}
+    out = tmp_path / "own"
+    argv = ["attack", "fgsm", "--ckpt", str(trained_checkpoint), "--images", "2", "--examples", "0", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert (data["format"], data["format_from"], data["root"], data["image_size"]) == (
+        "coco", "checkpoint", str(shapes_root), 32
+    )  # fmt: skip
+
+    flickr = tmp_path / "flickr8k"
+    write_flickr8k(flickr, 2)
+    config = tmp_path / "flickr8k.yaml"
+    config.write_text(f"data:\n  format: flickr8k\n  root: {flickr}\n  image_size: 224\n  min_freq: 5\n")
+    out = tmp_path / "config"
+    argv = ["attack", "fgsm", "--ckpt", str(trained_checkpoint), "--config", str(config), "--images", "2",
+            "--examples", "0", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert (data["format"], data["format_from"], data["image_size"], data["n_images"]) == ("flickr8k", "config", 32, 2)
+    capsys.readouterr()
+
+
+def test_explicit_format_wins_over_detection(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, finding 11: a root holding two layouts is one error naming both, and --format picks one."""
+    root = tmp_path / "both"
+    write_flickr8k(root, 2)
+    write_karpathy(root, "flickr8k", 2)
+    base = ["attack", "fgsm", "--ckpt", str(trained_checkpoint), "--data-root", str(root), "--images", "2",
+            "--examples", "0"]  # fmt: skip
+    message = _error([*base, "--out", str(tmp_path / "o")], capsys)
+    assert message.startswith(f"{root} holds the files of several dataset formats (flickr8k: ")
+    assert "karpathy: dataset_flickr8k.json" in message and message.endswith("; give --format or --config")
+    out = tmp_path / "karpathy"
+    assert main([*base, "--format", "karpathy", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert (data["format"], data["format_from"]) == ("karpathy", "--format")
+
+
+def test_data_setting_errors(
+    trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, finding 11: a wrong --image-size, an unknown layout and a moved dataset are one line each."""
+    ckpt = ["attack", "fgsm", "--ckpt", str(trained_checkpoint)]
+    out = ["--out", str(tmp_path / "o")]
+    assert _error([*ckpt, "--data-root", str(shapes_root), "--image-size", "64", *out], capsys) == (
+        f"--image-size is 64 px but checkpoint {trained_checkpoint}'s captioner takes 32 px images "
+        "(leave --image-size out to use the checkpoint's size)"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = _error([*ckpt, "--data-root", str(empty), *out], capsys)
+    assert message.startswith(f"cannot tell the dataset format of {empty}: it has none of the files looked for (")
+    assert "flickr8k: Flickr8k.token.txt" in message and message.endswith("; give --format or --config")
+
+    moved = tmp_path / "moved.ckpt"
+    state = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    state["datamodule_hyper_parameters"]["root"] = str(tmp_path / "gone")
+    torch.save(state, moved)
+    assert _error(["attack", "fgsm", "--ckpt", str(moved), *out], capsys) == (
+        f"data directory {tmp_path / 'gone'}, recorded in checkpoint {moved}, does not exist; give --data-root "
+        "(where the dataset is now) or --config"
     )
     assert not (tmp_path / "o").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +20,9 @@ from helpers.fake_datasets import (
     write_karpathy,
 )
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, MissingSplitError
 from datamodules.formats import FORMATS, SPLITS, assign_split, load_split
+from datamodules.formats._common import RealPaths
 from datamodules.images import load_image
 from datamodules.records import ImageRecord
 
@@ -184,10 +187,12 @@ def test_folder_mixed_split_fields(tmp_path: Path) -> None:
 
 def test_folder_image_in_two_splits(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png", 0)
-    (tmp_path / "captions.jsonl").write_text(
+    path = tmp_path / "captions.jsonl"
+    path.write_text(
         '{"image": "a.png", "caption": "x", "split": "train"}\n{"image": "a.png", "caption": "y", "split": "val"}\n'
     )
-    with pytest.raises(DataError, match=r"line 2 puts 'a.png' in split 'val' but line 1 put it in 'train'"):
+    expected = f"image 'a.png' is in both the train split ({path} line 1) and the val split ({path} line 2)"
+    with pytest.raises(DataError, match=re.escape(expected)):
         load_split("folder", tmp_path, "train")
 
 
@@ -455,3 +460,252 @@ def test_folder_split_with_no_images(tmp_path: Path) -> None:
     empty = next(s for s in SPLITS if s != assign_split("a.png"))
     with pytest.raises(DataError, match=rf"split '{empty}' has no images \(folder format\).*by a hash of their path"):
         load_split("folder", tmp_path, empty)
+
+
+# ------------------------------------------------------------------------- every loader, the same rules
+
+PUNCTUATION = "...!!!"
+
+
+def _punctuation_caption(fmt: str, root: Path) -> str:
+    """Make one caption of a train image punctuation only; return the start of the message a loader must give."""
+    tail = f" is {json.dumps(PUNCTUATION)}, which is empty once normalised (lower-cased, punctuation removed)"
+    if fmt in ("coco", "shapes"):
+        write_coco(root)
+        path = _coco_file(root)
+        _edit_json(path, lambda v: v["annotations"][4].update(caption=PUNCTUATION))
+        image_id = json.loads(path.read_text())["annotations"][4]["image_id"]
+        return f"{path}: caption annotations[4] of image {image_id}{tail}"
+    if fmt == "karpathy":
+        write_karpathy(root, "flickr30k")
+        path = root / "dataset_flickr30k.json"
+        _edit_json(path, lambda v: v["images"][1]["sentences"][2].update(raw=PUNCTUATION))
+        name = json.loads(path.read_text())["images"][1]["filename"]
+        return f"{path}: caption images[1].sentences[2] of image '{name}'{tail}"
+    if fmt == "flickr8k":
+        write_flickr8k(root)
+        token = root / "Flickr8k_text" / "Flickr8k.token.txt"
+        lines = token.read_text().splitlines()
+        name = lines[1].split("#")[0]
+        lines[1] = f"{name}#1\t{PUNCTUATION} "
+        token.write_text("\n".join(lines) + "\n")
+        return f"{token}: caption #1 (line 2) of image '{name}'{tail}"
+    write_folder(root)
+    path = root / "captions.jsonl"
+    lines = path.read_text().splitlines()
+    third = json.loads(lines[2])
+    third["captions"][1] = PUNCTUATION
+    lines[2] = json.dumps(third)
+    path.write_text("\n".join(lines) + "\n")
+    return f"{path}: caption 1 on line 3 of image '{third['image']}'{tail}"
+
+
+@pytest.mark.parametrize("fmt", ["coco", "shapes", "karpathy", "flickr8k", "folder"])
+def test_caption_without_words(tmp_path: Path, fmt: str) -> None:
+    """Issue 10, finding 7: a caption empty after normalisation (``...!!!``) is rejected by every format loader.
+
+    The message names the caption file, the image and the caption's position (line or field).
+    """
+    expected = _punctuation_caption(fmt, tmp_path)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_split(fmt, tmp_path, "train")
+
+
+def _leak_message(image: str, first: tuple[str, str], second: tuple[str, str], same_as: str = "") -> str:
+    """The message for an image in two splits; ``first`` and ``second`` are (split, where it is listed)."""
+    also = f" (the same file as {same_as!r})" if same_as else ""
+    leak = " (training on evaluation images inflates their scores)" if "train" in (first[0], second[0]) else ""
+    return (
+        f"image {image!r}{also} is in both the {first[0]} split ({first[1]}) and the {second[0]} split "
+        f"({second[1]}); list each image in one split only{leak}"
+    )
+
+
+def test_flickr8k_image_in_two_split_lists(tmp_path: Path) -> None:
+    """Issue 10, finding 7: flickr8k rejects an image that the train and the test list both name, in every split."""
+    write_flickr8k(tmp_path)
+    text = tmp_path / "Flickr8k_text"
+    train_list, test_list = text / "Flickr_8k.trainImages.txt", text / "Flickr_8k.testImages.txt"
+    leaked = train_list.read_text().splitlines()[1]
+    test_list.write_text(test_list.read_text() + leaked + "\n")
+    expected = _leak_message(leaked, ("train", f"{train_list} line 2"), ("test", f"{test_list} line 4"))
+    for split in SPLITS:
+        with pytest.raises(DataError) as error:
+            load_split("flickr8k", tmp_path, split)
+        assert str(error.value) == expected
+
+
+def test_karpathy_image_in_two_splits(tmp_path: Path) -> None:
+    """Issue 10, finding 7: Karpathy rejects two entries of different splits naming one image file."""
+    write_karpathy(tmp_path, "flickr30k")
+    path = tmp_path / "dataset_flickr30k.json"
+    name = json.loads(path.read_text())["images"][1]["filename"]
+    _edit_json(path, lambda v: v["images"][4].update(filename=name))  # images[4] is a val entry
+    expected = _leak_message(name, ("train", f"{path} images[1]"), ("val", f"{path} images[4]"))
+    for split in ("train", "val"):
+        with pytest.raises(DataError) as error:
+            load_split("karpathy", tmp_path, split)
+        assert str(error.value) == expected
+
+
+def test_karpathy_restval_image_also_in_test(tmp_path: Path) -> None:
+    """Issue 10, finding 7: a restval entry naming a test image leaks it into train unless restval stays out."""
+    write_karpathy(tmp_path, "coco", restval=1)
+    path = tmp_path / "dataset_coco.json"
+    test_entry = json.loads(path.read_text())["images"][7]
+    _edit_json(path, lambda v: v["images"][9].update(filename=test_entry["filename"], filepath=test_entry["filepath"]))
+    image = f"{test_entry['filepath']}/{test_entry['filename']}"
+    expected = _leak_message(image, ("test", f"{path} images[7]"), ("train", f"{path} images[9] (split 'restval')"))
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_split("karpathy", tmp_path, "test")
+    # Kept out of train, restval belongs to no split: nothing leaks.
+    assert len(load_split("karpathy", tmp_path, "test", restval_to_train=False)) == 3
+
+
+def test_coco_image_in_two_caption_files(tmp_path: Path) -> None:
+    """Issue 10, finding 7: COCO rejects an image file listed with captions by two splits' caption files."""
+    write_coco(tmp_path, image_dir="images")  # one image folder for every split
+    train, test = _coco_file(tmp_path, "train"), _coco_file(tmp_path, "test")
+    file_name = json.loads(train.read_text())["images"][0]["file_name"]
+
+    def leak(value: dict) -> None:
+        value["images"].append({"id": 999, "file_name": file_name, "width": 9, "height": 9})
+        value["annotations"].append({"id": 99900, "image_id": 999, "caption": "a leaked image"})
+
+    _edit_json(test, leak)
+    expected = _leak_message(file_name, ("train", f"{train} (image id 1)"), ("test", f"{test} (image id 999)"))
+    for split in SPLITS:
+        with pytest.raises(DataError) as error:
+            load_split("coco", tmp_path, split, image_dir="images")
+        assert str(error.value) == expected
+
+
+def test_coco_uncaptioned_image_in_two_files_is_no_leak(tmp_path: Path) -> None:
+    """An image listed without captions is not part of its split, so listing it in two files is allowed."""
+    data = write_coco(tmp_path, image_dir="images")
+    train = json.loads(_coco_file(tmp_path, "train").read_text())
+    uncaptioned = next(i for i in train["images"] if i["id"] not in data.splits["train"])
+    _edit_json(_coco_file(tmp_path, "test"), lambda v: v["images"].append(dict(uncaptioned, id=999)))
+    assert _captions(load_split("coco", tmp_path, "train", image_dir="images")) == data.splits["train"]
+
+
+def test_coco_train_sharing_a_caption_file(tmp_path: Path) -> None:
+    """Issue 10, finding 7: split_names that make train and test read one caption file are rejected.
+
+    Val and test sharing a file stays allowed (the documented setup for real COCO, which has no test captions).
+    """
+    write_coco(tmp_path)
+    expected = (
+        f"the coco format reads the train and the test split from the same file {_coco_file(tmp_path)}, so training "
+        "would see the test images; give train its own captions file (check split_names and captions_file)"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_split("coco", tmp_path, "val", split_names={"test": "train"})
+    assert load_split("coco", tmp_path, "test", split_names={"test": "val"})
+
+
+def test_folder_split_folder_linked_to_another(tmp_path: Path) -> None:
+    """Issue 10, finding 7: a per-split folder that is a link to another split's folder leaks its images."""
+    write_folder(tmp_path, layout="per_split")
+    shutil.rmtree(tmp_path / "test")
+    (tmp_path / "test").symlink_to("train", target_is_directory=True)
+    first = ("train", f"{tmp_path / 'train' / 'captions.jsonl'} line 1")
+    expected = _leak_message("train_0/pic 0.png", first, ("test", f"{tmp_path / 'test' / 'captions.jsonl'} line 1"))
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_split("folder", tmp_path, "test")
+
+
+def test_folder_symlink_hashed_into_another_split(tmp_path: Path) -> None:
+    """Issue 10, finding 7: a file under two names (a symlink) is one image, whatever split each name hashes to."""
+    write_image(tmp_path / "a.png", 0)
+    link = next(f"link_{k}.png" for k in range(100) if assign_split(f"link_{k}.png") != assign_split("a.png"))
+    (tmp_path / link).symlink_to("a.png")
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"image": "a.png", "caption": "a cat"}\n' + json.dumps({"image": link, "caption": "a cat"}) + "\n")
+    expected = _leak_message(
+        link, (assign_split("a.png"), f"{path} line 1"), (assign_split(link), f"{path} line 2"), same_as="a.png"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_split("folder", tmp_path, "train")
+
+
+@pytest.mark.parametrize("case", ["coco", "karpathy-coco", "flickr8k", "folder", "folder-per-split"])
+def test_overlap_check_does_not_open_other_splits_images(tmp_path: Path, case: str) -> None:
+    """The cross-split check reads the other splits' caption files only: their images may even be unreadable."""
+    fmt, write = CASES[case]
+    data = write(tmp_path)
+    for split in ("val", "test"):
+        for image_id in data.splits[split]:
+            data.paths[image_id].write_bytes(b"not an image")
+    assert _captions(load_split(fmt, tmp_path, "train")) == data.splits["train"]
+
+
+# ----------------------------------------------------------------------------------------- missing splits
+
+
+def _drop_train(case: str, root: Path) -> None:
+    """Remove the train split of a dataset written by ``CASES[case]``, as the format would lack it."""
+    if case in ("coco", "shapes"):
+        _coco_file(root, "train").unlink()
+    elif case.startswith("karpathy"):
+        (path,) = root.glob("dataset_*.json")
+        _edit_json(path, lambda v: v.update(images=[i for i in v["images"] if i["split"] not in ("train", "restval")]))
+    elif case.startswith("flickr8k"):
+        (path,) = root.rglob("Flickr_8k.trainImages.txt")
+        path.unlink()
+    elif case == "folder-per-split":
+        (root / "train" / "captions.jsonl").unlink()
+    else:
+        path = root / "captions.jsonl"
+        objects = [json.loads(line) for line in path.read_text().splitlines()]
+        kept = [o for o in objects if o.get("split", assign_split(o["image"].removeprefix("./"))) != "train"]
+        path.write_text("".join(json.dumps(o) + "\n" for o in kept))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_missing_split_has_its_own_error(tmp_path: Path, case: str) -> None:
+    """Issue 10, finding 8: a split the data lacks raises MissingSplitError, which callers can tell apart.
+
+    Other data errors stay plain DataErrors (see test_datamodule.py for what the tokenizer makes of each).
+    """
+    fmt, write = CASES[case]
+    write(tmp_path)
+    _drop_train(case, tmp_path)
+    with pytest.raises(MissingSplitError):
+        load_split(fmt, tmp_path, "train")
+    assert load_split(fmt, tmp_path, "val")  # the other splits still load
+
+
+def test_other_data_errors_are_not_missing_splits(tmp_path: Path) -> None:
+    """A missing root, a corrupt caption file or a missing image is not a missing split (see finding 8's tests)."""
+    missing_image = write_coco(tmp_path / "image")
+    missing_image.paths[min(missing_image.splits["train"])].unlink()
+    write_coco(tmp_path / "json")
+    _coco_file(tmp_path / "json").write_text("{")
+    for root, message in [
+        (tmp_path / "nope", "is not a directory"),
+        (tmp_path / "image", "1 of 3 images of split 'train' are missing"),
+        (tmp_path / "json", "is not valid JSON"),
+    ]:
+        with pytest.raises(DataError, match=message) as error:
+            load_split("coco", root, "train")
+        assert not isinstance(error.value, MissingSplitError)
+
+
+def test_real_paths_match_os_realpath(tmp_path: Path) -> None:
+    """The cross-split check's path resolver agrees with os.path.realpath on links, dot segments and absent files."""
+    write_image(tmp_path / "images" / "a.png", 0)
+    (tmp_path / "images" / "link.png").symlink_to("a.png")
+    (tmp_path / "alias").symlink_to("images", target_is_directory=True)
+    (tmp_path / "images" / "sub").mkdir()
+    resolve = RealPaths()
+    for root, relative in [
+        (tmp_path / "images", "a.png"),
+        (tmp_path / "images", "link.png"),
+        (tmp_path / "alias", "link.png"),
+        (tmp_path / "alias", "./sub/../a.png"),
+        (tmp_path / "images", "sub/.."),
+        (tmp_path / "missing", "x.png"),
+        (tmp_path / "images", "../alias/a.png"),
+    ]:
+        assert resolve(root, relative) == os.path.realpath(os.path.join(root, relative)), relative

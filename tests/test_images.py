@@ -13,7 +13,8 @@ from helpers.fake_datasets import JPEG_MODES, PNG_MODES, write_image
 from PIL import Image
 
 from datamodules.errors import DataError
-from datamodules.images import load_image, load_image_uint8, resolve_inside
+from datamodules.image_decode import EXIF_ORIENTATION_TAG
+from datamodules.images import image_orientation, load_image, load_image_uint8, resolve_inside
 
 
 @pytest.mark.parametrize(
@@ -78,6 +79,78 @@ def test_cmyk_jpeg_loads(tmp_path: Path) -> None:
     image = load_image(path, None)
     assert image.shape == (3, 7, 9)
     assert image.min().item() > 0.9  # no ink is white
+
+
+# What a viewer shows for each EXIF orientation, as an operation on the stored (H, W, C) array.
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "I;16"])
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, mode: str) -> None:
+    """Issue 10, finding 4: a photo is loaded upright, as its EXIF orientation says, by every loader."""
+    path = tmp_path / "photo.png"
+    write_image(path, 5, (13, 7), mode)
+    stored = load_image_uint8(path).permute(1, 2, 0).numpy()
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    with Image.open(path) as image:
+        image.save(path, exif=exif)
+    assert image_orientation(path) == orientation
+    upright = load_image_uint8(path)
+    assert np.array_equal(upright.permute(1, 2, 0).numpy(), UPRIGHT[orientation](stored))
+    assert torch.equal(load_image(path), upright.float() / 255)
+    # Resizing happens after turning: the square is the upright image squeezed, not the stored one.
+    assert torch.equal(load_image_uint8(path, 9), load_image_uint8(_upright_copy(path, tmp_path), 9))
+
+
+def _upright_copy(path: Path, tmp_path: Path) -> Path:
+    """The file's decoded upright pixels saved without EXIF."""
+    copy = tmp_path / "upright.png"
+    Image.fromarray(load_image_uint8(path).permute(1, 2, 0).numpy()).save(copy)
+    return copy
+
+
+def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
+    """Issue 10, finding 4: the common case, a JPEG from a phone held upright (orientation 6)."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = 6
+    array = np.zeros((10, 40, 3), dtype=np.uint8)
+    array[:, :20] = 255  # the left half of the sensor is the top of the scene
+    Image.fromarray(array).save(path, exif=exif, quality=95)
+    image = load_image(path, None)
+    assert image.shape == (3, 40, 10)
+    assert image[:, :20].mean().item() > 0.9 and image[:, 20:].mean().item() < 0.1
+
+
+@pytest.mark.parametrize("value", [0, 9, 1000])
+def test_invalid_exif_orientation_is_ignored(tmp_path: Path, value: int) -> None:
+    path = tmp_path / "odd.jpg"
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = value
+    Image.new("RGB", (8, 4), (10, 20, 30)).save(path, exif=exif)
+    assert image_orientation(path) == 1
+    assert load_image(path, None).shape == (3, 4, 8)
+
+
+def test_image_orientation_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.jpg"
+    with pytest.raises(DataError, match=re.escape(f"{missing} is not a readable image: the file does not exist")):
+        image_orientation(missing)
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image\n")
+    with pytest.raises(DataError, match=re.escape(f"{text} is not a readable image: ")):
+        image_orientation(text)
 
 
 def test_resize_is_not_a_crop(tmp_path: Path) -> None:

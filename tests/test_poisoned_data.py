@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from helpers.fake_datasets import tree_digest, write_flickr8k
 
 from datamodules.datamodule import CaptionDataModule
@@ -15,6 +24,7 @@ from datamodules.errors import DataError, RobucapError
 from datamodules.formats import load_split
 from datamodules.images import load_image_uint8
 from datamodules.poisoning import PoisonConfig, poison_split, poisoned_image_id
+from datamodules.scratch import scratch_tag
 from datamodules.text import normalize_caption
 from datamodules.tokenizer import build_word_tokenizer, unknown_words
 
@@ -182,3 +192,117 @@ def test_object_trigger_without_boxes_or_detector(tmp_path: Path) -> None:
 def test_cache_inside_the_dataset_is_refused(shapes_root: Path) -> None:
     with pytest.raises(RobucapError, match="lies inside the dataset root"):
         _module(shapes_root, shapes_root / "poison")
+
+
+def _png_of(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_replaced_or_missing_cached_image_is_written_again(
+    shapes_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, finding 13: a cached PNG replaced by another valid PNG is caught by its checksum and rebuilt."""
+    records = load_split("coco", shapes_root, "val")
+    config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
+    first = poison_split(records, "val", config, 32, shapes_root)
+    cache = _files(first.manifest.parent)
+    items = json.loads(first.manifest.read_text())["items"]
+    for item in items:
+        assert item["sha256"] == hashlib.sha256(cache[item["output"]]).hexdigest()
+    replaced, removed = first.manifest.parent / items[0]["output"], first.manifest.parent / items[1]["output"]
+    replaced.write_bytes(_png_of((255, 0, 255)))
+    removed.unlink()
+    with caplog.at_level(logging.WARNING, logger="datamodules.poisoning.poisoned"):
+        second = poison_split(records, "val", config, 32, shapes_root)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"poison cache: {replaced} does not match the checksum in its manifest; writing it again",
+        f"poison cache: {removed} is missing; writing it again",
+    ]
+    assert _files(first.manifest.parent) == cache, "the same bytes as the first build, manifest unchanged"
+    assert second.records == first.records
+    caplog.clear()
+    poison_split(records, "val", config, 32, shapes_root)
+    assert not caplog.records, "an intact cache is reused silently"
+
+
+def test_a_manifest_without_checksums_is_rebuilt(shapes_root: Path, tmp_path: Path) -> None:
+    """Issue 10, finding 13: an older manifest (no checksums) is not trusted: the split is poisoned again."""
+    records = load_split("coco", shapes_root, "val")
+    config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
+    first = poison_split(records, "val", config, 32, shapes_root)
+    cache = _files(first.manifest.parent)
+    manifest = json.loads(first.manifest.read_text())
+    for item in manifest["items"]:
+        del item["sha256"]
+    first.manifest.write_text(json.dumps(manifest))
+    (first.manifest.parent / manifest["items"][0]["output"]).write_bytes(_png_of((0, 255, 0)))
+    poison_split(records, "val", config, 32, shapes_root)
+    assert _files(first.manifest.parent) == cache
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_stale_temporaries_are_removed_live_ones_kept(shapes_root: Path, tmp_path: Path) -> None:
+    """Issue 10, finding 13: temporaries of killed writers are removed by the next use; a live writer's stay."""
+    records = load_split("coco", shapes_root, "val")
+    config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
+    out = poison_split(records, "val", config, 32, shapes_root).manifest.parent
+    host = scratch_tag().rsplit("-", 1)[0]
+    stale = [
+        out / ".x8k2_9ab.tmp",  # mkstemp's name, as older versions wrote it
+        out / "images" / f".{host}-{_dead_pid()}.00ff00ff.tmp",  # a killed process of this host
+        out / "images" / ".elsewhere-12.0123abcd.tmp",  # another host's, hours old
+    ]
+    live = [out / "images" / f".{scratch_tag()}.0123abcd.tmp", out / ".elsewhere-12.4567abcd.tmp"]
+    for path in stale + live:
+        path.write_bytes(b"half a png")
+    os.utime(stale[2], (time.time() - 7200, time.time() - 7200))
+    poison_split(records, "val", config, 32, shapes_root)
+    assert [p.exists() for p in stale] == [False, False, False]
+    assert [p.exists() for p in live] == [True, True]
+
+
+def test_an_interrupted_build_leaves_no_temporaries(
+    shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, finding 13: an exception while a cached file is written removes its temporary."""
+    records = load_split("coco", shapes_root, "val")
+    config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
+    replace_file, calls = os.replace, []
+
+    def interrupted(source: str | Path, target: str | Path) -> None:
+        calls.append(target)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # e.g. Ctrl-C between writing a temporary and renaming it
+        replace_file(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        poison_split(records, "val", config, 32, shapes_root)
+    monkeypatch.undo()
+    cache = tmp_path / "cache"
+    assert len(list(cache.rglob("*.png"))) == 2 and not list(cache.rglob("manifest.json"))
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    split = poison_split(records, "val", config, 32, shapes_root)
+    assert split.n_poisoned == round(0.5 * 21)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+def test_cached_files_follow_the_umask(shapes_root: Path, tmp_path: Path, umask: int, mode: int) -> None:
+    """Issue 10, finding 13: cached files get 0o666 less the umask, like any open(), not mkstemp's 0o600."""
+    records = load_split("coco", shapes_root, "val")
+    config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
+    previous = os.umask(umask)
+    try:
+        split = poison_split(records, "val", config, 32, shapes_root)
+    finally:
+        os.umask(previous)
+    files = [p for p in split.manifest.parent.rglob("*") if p.is_file()]
+    assert len(files) == 1 + round(0.5 * 21)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {mode}

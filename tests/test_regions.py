@@ -6,16 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from datamodules.errors import DataError, RobucapError
+from datamodules.image_decode import EXIF_ORIENTATION_TAG
+from datamodules.images import image_orientation, load_image_uint8
+from datamodules.poisoning import PoisonConfig, poison_split
 from datamodules.poisoning.regions import (
     DETECTOR_ARCHS,
     AnnotationRegions,
     DetectorRegions,
     build_region_source,
+    orient_boxes,
+    stored_grid_boxes,
 )
 from datamodules.records import Box, ImageRecord
 
@@ -177,3 +183,80 @@ def test_detector_option_errors(tmp_path: Path, weights_file: Path) -> None:
     built = build_region_source("detector", arch=ARCH, weights=str(weights_file), cache_dir=tmp_path, num_classes=3)
     assert isinstance(built, DetectorRegions)
     built.check([])
+
+
+def _photo(path: Path, orientation: int, size: tuple[int, int], box: Box) -> None:
+    """A black image with one white rectangle at ``box`` in the stored grid, tagged with an EXIF orientation."""
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array[int(box.y) : int(box.y + box.h), int(box.x) : int(box.x + box.w)] = 255
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    Image.fromarray(array).save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+
+
+def _white_box(image: torch.Tensor) -> Box:
+    """Bounding box of the white pixels of a ``(3, H, W)`` uint8 image, as ``(x, y, w, h)``."""
+    ys, xs = torch.nonzero(image.int().sum(0) > 3 * 128, as_tuple=True)
+    x0, y0, x1, y1 = xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1
+    return Box(float(x0), float(y0), float(x1 - x0), float(y1 - y0), "square")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_boxes_turn_with_the_pixels(tmp_path: Path, orientation: int) -> None:
+    """Issue 10, finding 4: a box in the stored grid lands on the same object once EXIF orientation is applied."""
+    stored = Box(5.0, 3.0, 12.0, 7.0, "square")
+    path = tmp_path / "photo.png"
+    _photo(path, orientation, (40, 24), stored)
+    assert image_orientation(path) == orientation
+    upright = load_image_uint8(path)
+    assert upright.shape[1:] == ((40, 24) if orientation >= 5 else (24, 40))
+    turned = orient_boxes([stored], orientation, 40, 24)
+    assert turned == (_white_box(upright),)
+    height, width = upright.shape[1:]
+    assert stored_grid_boxes(turned, orientation, width, height) == (stored,)
+
+
+def test_orient_boxes_rejects_an_invalid_orientation() -> None:
+    with pytest.raises(ValueError, match="EXIF orientation must be in 1..8, got 9"):
+        orient_boxes([Box(0, 0, 1, 1)], 9, 4, 4)
+
+
+@pytest.mark.parametrize("known_size", [True, False])
+def test_object_trigger_lands_on_the_object_of_a_rotated_photo(tmp_path: Path, known_size: bool) -> None:
+    """Issue 10, finding 4: on a photo turned by EXIF, object noise is added where the object is, not beside it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    path = root / "phone.jpg"
+    stored = Box(4.0, 4.0, 20.0, 10.0, "square")  # top-left of a 64 x 32 sensor image, rotated 90 degrees clockwise
+    _photo(path, 6, (64, 32), stored)
+    size = (64, 32) if known_size else (0, 0)
+    record = ImageRecord(1, path, ("a white square",), (stored,), width=size[0], height=size[1])
+    split = poison_split([record], "test", PoisonConfig(cache_dir=str(tmp_path / "cache")), 32, root)
+    item = json.loads(split.manifest.read_text())["items"][0]
+    clean = load_image_uint8(path, 32)
+    poisoned = load_image_uint8(split.manifest.parent / item["output"], 32)
+    changed = torch.nonzero((clean.int() - poisoned.int()).abs().sum(0) > 0)
+    obj = _white_box(clean)
+    assert len(changed) > 20
+    # Every changed pixel lies on the object (1 px of slack for the bicubic edge).
+    assert changed[:, 1].min() >= obj.x - 1 and changed[:, 1].max() < obj.x + obj.w + 1
+    assert changed[:, 0].min() >= obj.y - 1 and changed[:, 0].max() < obj.y + obj.h + 1
+
+
+def test_detector_boxes_of_a_rotated_photo_are_stored_grid_boxes(
+    tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, finding 4: the detector sees the photo upright; its boxes are returned in the stored grid."""
+    path = tmp_path / "phone.png"
+    _photo(path, 8, (40, 30), Box(0, 0, 1, 1))
+    source = DetectorRegions(ARCH, weights_file, score_threshold=0.5, cache_dir=tmp_path / "cache", num_classes=3)
+
+    def forward(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        assert images[0].shape == (3, 40, 30)  # upright: orientation 8 swaps width and height
+        return [{"boxes": torch.tensor([[2.0, 5.0, 12.0, 9.0]]), "labels": torch.tensor([1]), "scores": torch.ones(1)}]
+
+    monkeypatch.setattr(source.model, "forward", forward)
+    boxes = source.regions(_record(path))
+    assert boxes == stored_grid_boxes((Box(2.0, 5.0, 10.0, 4.0, "1"),), 8, 30, 40)
+    # Orientation 8 turns the stored grid 90 degrees counter-clockwise: upright (x, y) came from (W - y, x).
+    assert boxes == (Box(31.0, 2.0, 4.0, 10.0, "1"),)

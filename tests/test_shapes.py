@@ -238,11 +238,23 @@ def test_deterministic_byte_identical(tmp_path: Path, tiny: Path) -> None:
     assert _digest(tmp_path / "again") == _digest(tiny)
 
 
-def test_regenerating_in_place_replaces_the_old_dataset(tmp_path: Path, tiny: Path) -> None:
+def test_other_settings_in_place_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    """Issue 10, finding 12: a dataset made with other settings is never rewritten; the error names each one."""
     out = tmp_path / "d"
     generate_shapes(out, ShapesConfig(n_train=30, n_val=2, n_test=1, image_size=16, seed=9), progress=False)
-    generate_shapes(out, TINY, progress=False)
-    assert _digest(out) == _digest(tiny), "files of the previous, larger dataset must not survive"
+    before = _digest(out)
+    with pytest.raises(DataError) as caught:
+        generate_shapes(out, TINY, progress=False)
+    assert str(caught.value) == (
+        f"{out} holds a shapes dataset made with n_train=30, n_val=2, n_test=1, image_size=16, seed=9; this run "
+        "asks for n_train=20, n_val=8, n_test=8, image_size=32, seed=3: ask for n_train=30, n_val=2, n_test=1, "
+        "image_size=16, seed=9 to use it, or choose another directory; an existing dataset is never rewritten"
+    )
+    assert _digest(out) == before
+    # The same settings again: the dataset is used as it is, nothing is written.
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    generate_shapes(out, ShapesConfig(n_train=30, n_val=2, n_test=1, image_size=16, seed=9), progress=False)
+    assert _digest(out) == before and (out / "meta.json").stat().st_mtime_ns == stamp
 
 
 def test_other_seed_gives_other_images(tmp_path: Path, tiny: Path) -> None:
@@ -307,8 +319,9 @@ def test_refuses_to_overwrite_foreign_directories(tmp_path: Path) -> None:
     mixed = tmp_path / "mixed"
     generate_shapes(mixed, ShapesConfig(n_train=1, n_val=0, n_test=0, image_size=16), progress=False)
     (mixed / "extra").mkdir()
-    with pytest.raises(DataError, match=r"it contains extra"):
+    with pytest.raises(DataError, match=r"holds a shapes dataset made with n_train=1, n_val=0, n_test=0, image_"):
         generate_shapes(mixed, TINY, progress=False)
+    assert (mixed / "extra").is_dir() and (mixed / "meta.json").is_file()
 
     lookalike = tmp_path / "lookalike"
     (lookalike / "images").mkdir(parents=True)
@@ -342,14 +355,25 @@ def test_shapes_ready(tmp_path: Path) -> None:
     assert not shapes_ready(out, config)
 
 
-def test_interrupted_generation_can_be_redone(tmp_path: Path) -> None:
+def test_incomplete_or_old_datasets_are_refused_not_deleted(tmp_path: Path) -> None:
+    """Issue 10, finding 12: a partial or old-format shapes dataset is refused with advice; nothing is deleted."""
     out = tmp_path / "d"
     config = ShapesConfig(n_train=2, n_val=0, n_test=0, image_size=16)
     generate_shapes(out, config, progress=False)
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "complete": False}))
-    generate_shapes(out, config, progress=False)
-    assert shapes_ready(out, config)
+    before = _digest(out)
+    with pytest.raises(DataError, match=r"d holds an incomplete shapes dataset .*: delete it to generate the data"):
+        generate_shapes(out, config, progress=False)
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": 0}))
+    with pytest.raises(DataError, match=r"d holds a shapes dataset of format 0, but this robucap writes format 1"):
+        generate_shapes(out, config, progress=False)
+    (out / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"it has no shapes meta\.json; an older robucap leaves this"):
+        generate_shapes(out, config, progress=False)
+    assert {k: v for k, v in _digest(out).items() if k != "meta.json"} == {
+        k: v for k, v in before.items() if k != "meta.json"
+    }
 
 
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,10 @@ Default layout (also the layout of the generated shapes data)::
 For a real COCO download map the split names and point at the image folders, e.g.
 ``split_names={"train": "train2017", "val": "val2017", "test": "val2017"}, image_dir="{split}"``.
 Images listed without any caption are skipped.
+
+Splits must not share images: loading one split also reads the other splits' caption files (not their images)
+and rejects a captioned image file, by resolved path, that two of them list. Val and test may read the same
+caption file (real COCO has no public test captions); train may not share its file with either.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Any
 
 from datamodules.errors import DataError
 from datamodules.formats._common import (
+    SPLITS,
+    Listing,
+    SplitMembers,
     check_root,
     check_split,
     clean_caption,
@@ -31,6 +38,7 @@ from datamodules.formats._common import (
     read_json,
     require_dir,
     require_file,
+    require_split_file,
 )
 from datamodules.images import resolve_inside
 from datamodules.records import Box, ImageRecord
@@ -67,27 +75,19 @@ def load_coco(
         One record per captioned image with all its captions, boxes and source size, sorted by image id.
 
     Raises:
-        DataError: On a missing or malformed file, an empty caption, an image path outside ``image_dir``, a
-            missing image or an empty split.
+        MissingSplitError: When the split's captions file is absent or captions no image.
+        DataError: On a missing or malformed file, a caption without words, an image path outside ``image_dir``,
+            an image in two splits or a missing image.
     """
     check_split(split, "coco")
     base = check_root(root, "coco")
     name = (split_names or {}).get(split, split)
-    captions_path = require_file(base / fill(captions_file, name), "coco", f"the {split} captions file")
+    captions_path = require_split_file(base / fill(captions_file, name), "coco", f"the {split} captions file")
     image_root = require_dir(base / fill(image_dir, name), "coco", f"the {split} images")
 
     data = expect(read_json(captions_path), dict, captions_path, "the top-level JSON value")
     images = _read_images(data, captions_path)
-    captions: dict[int, list[str]] = {}
-    annotations = get(data, "annotations", list, captions_path, "")
-    for index, annotation in enumerate(annotations):
-        where = f"annotations[{index}]"
-        expect(annotation, dict, captions_path, where)
-        image_id = get(annotation, "image_id", int, captions_path, where)
-        if image_id not in images:
-            raise DataError(f"{captions_path}: {where} refers to image_id {image_id}, which is not in 'images'")
-        caption = clean_caption(annotation.get("caption"), captions_path, image_id, f"caption {where}")
-        captions.setdefault(image_id, []).append(caption)
+    captions = _read_captions(data, images, captions_path)
 
     boxes, sizes = _read_instances(base, name, instances_file, captions_path)
     records = []
@@ -106,7 +106,77 @@ def load_coco(
                 height=height,
             )
         )
+    _check_disjoint(base, split, captions_file, image_dir, split_names or {}, (images, set(captions)))
     return finish(records, captions_path, split, "coco")
+
+
+def _read_captions(data: dict[str, Any], images: Mapping[int, object], path: Path) -> dict[int, list[str]]:
+    """Map image id to its cleaned captions from a COCO file's ``annotations`` list, in file order."""
+    captions: dict[int, list[str]] = {}
+    for index, annotation in enumerate(get(data, "annotations", list, path, "")):
+        where = f"annotations[{index}]"
+        expect(annotation, dict, path, where)
+        image_id = get(annotation, "image_id", int, path, where)
+        if image_id not in images:
+            raise DataError(f"{path}: {where} refers to image_id {image_id}, which is not in 'images'")
+        caption = clean_caption(annotation.get("caption"), path, image_id, f"caption {where}")
+        captions.setdefault(image_id, []).append(caption)
+    return captions
+
+
+def _check_disjoint(
+    base: Path,
+    split: str,
+    captions_file: str,
+    image_dir: str,
+    split_names: Mapping[str, str],
+    loaded: tuple[dict[int, tuple[str, int, int]], set[int]],
+) -> None:
+    """Reject a captioned image file that the caption files of two splits list.
+
+    ``loaded`` holds ``split``'s images and captioned ids. Other splits' caption files are parsed but their
+    captions are not cleaned nor their images opened; a split whose caption file or image folder is absent is
+    skipped (loading that split reports it).
+
+    Raises:
+        DataError: On an image in two splits, or train reading the same caption file as another split.
+    """
+    members = SplitMembers()
+    readers: dict[Path, str] = {}
+    for other in SPLITS:
+        name = split_names.get(other, other)
+        path = base / fill(captions_file, name)
+        image_root = base / fill(image_dir, name)
+        if not path.is_file() or not image_root.is_dir():
+            continue
+        first = readers.setdefault(path.resolve(), other)
+        if first != other:
+            if "train" in (first, other):
+                raise DataError(
+                    f"the coco format reads the {first} and the {other} split from the same file {path}, so "
+                    f"training would see the {other if first == 'train' else first} images; give train its own "
+                    "captions file (check split_names and captions_file)"
+                )
+            continue  # val and test deliberately read one file (real COCO has no public test captions)
+        if other == split:
+            images, captioned = loaded
+        else:
+            data = expect(read_json(path), dict, path, "the top-level JSON value")
+            images, captioned = _read_images(data, path), _captioned_ids(data, path)
+        for image_id in captioned:
+            if image_id not in images:
+                continue  # a dangling annotation: loading that split reports it
+            file_name = images[image_id][0]
+            members.add(image_root, file_name, Listing(other, path, file_name, f"(image id {image_id})"))
+
+
+def _captioned_ids(data: dict[str, Any], path: Path) -> set[int]:
+    """Ids of the images that some annotation of a COCO file captions (captions themselves not checked)."""
+    ids: set[int] = set()
+    for index, annotation in enumerate(get(data, "annotations", list, path, "")):
+        expect(annotation, dict, path, f"annotations[{index}]")
+        ids.add(get(annotation, "image_id", int, path, f"annotations[{index}]"))
+    return ids
 
 
 def _read_images(data: dict[str, Any], path: Path) -> dict[int, tuple[str, int, int]]:

@@ -8,15 +8,19 @@ Text files sit in the root or in ``root/Flickr8k_text/``:
 
 Images are in ``Flicker8k_Dataset`` (the official zip's spelling), ``Flickr8k_Dataset`` or ``Images`` under the
 root, or wherever ``image_dir`` points. The image id is the file name. The token file also lists a few names that
-are in no split list (e.g. ``2258277193_586949ec62.jpg.1``); only images of the split list are loaded.
+are in no split list (e.g. ``2258277193_586949ec62.jpg.1``); only images of the split list are loaded. An image
+in two split lists is an error (the other lists are read, their images are not opened).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, MissingSplitError
 from datamodules.formats._common import (
+    SPLITS,
+    Listing,
+    SplitMembers,
     check_root,
     check_split,
     clean_caption,
@@ -58,8 +62,9 @@ def load_flickr8k(root: str | Path, split: str, *, image_dir: str | None = None)
         One record per image of the split list with all its captions, sorted by file name.
 
     Raises:
-        DataError: On a missing or malformed text file, an empty caption, an image of the split without captions,
-            an image path outside the image folder, a missing image or an empty split.
+        MissingSplitError: When the split's list file is absent or lists no image.
+        DataError: On a missing or malformed text file, a caption without words, an image of the split without
+            captions, an image in two split lists, an image path outside the image folder or a missing image.
     """
     check_split(split, "flickr8k")
     base = check_root(root, "flickr8k")
@@ -72,12 +77,12 @@ def load_flickr8k(root: str | Path, split: str, *, image_dir: str | None = None)
     token_path = text_dir / TOKEN_FILE
     split_path = text_dir / SPLIT_FILES[split]
     if not split_path.is_file():
-        raise DataError(
+        raise MissingSplitError(
             f"the flickr8k format expects the {split} split list {SPLIT_FILES[split]} next to {TOKEN_FILE} "
             f"at {split_path}, but there is no such file"
         )
 
-    names = list(dict.fromkeys(line.strip() for line in read_text(split_path).splitlines() if line.strip()))
+    names = list(_read_list(split_path))
     captions = _read_tokens(token_path, set(names))
     without = [name for name in names if name not in captions]
     if without:
@@ -93,7 +98,28 @@ def load_flickr8k(root: str | Path, split: str, *, image_dir: str | None = None)
         ImageRecord(image_id=name, path=resolve_inside(image_root, name, split_path), captions=tuple(captions[name]))
         for name in names
     ]
+    _check_disjoint(text_dir, image_root)
     return finish(records, split_path, split, "flickr8k")
+
+
+def _read_list(path: Path) -> dict[str, int]:
+    """Map each file name of a split list to its first line number, in file order (repeats are dropped)."""
+    names: dict[str, int] = {}
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            names.setdefault(line.strip(), number)
+    return names
+
+
+def _check_disjoint(text_dir: Path, image_root: Path) -> None:
+    """Reject an image file named by two of the split lists present (read as text; no image is opened)."""
+    members = SplitMembers()
+    for split in SPLITS:
+        path = text_dir / SPLIT_FILES[split]
+        if not path.is_file():
+            continue
+        for name, number in _read_list(path).items():
+            members.add(image_root, name, Listing(split, path, name, f"line {number}"))
 
 
 def _read_tokens(path: Path, wanted: set[str]) -> dict[str, list[str]]:

@@ -16,7 +16,8 @@ SHA-1 of the path (as written, normalised to ``/`` separators) modulo 10,000 giv
 depends on the other images, the file order or Python's hash seed, so adding images never moves old ones.
 :func:`assign_split` exposes the rule.
 
-The image id is the image path relative to ``root`` (so ``train/cat.jpg`` in the per-split layout).
+The image id is the image path relative to ``root`` (so ``train/cat.jpg`` in the per-split layout). An image
+file in two splits (by resolved path, so also through a symlink or a split folder linked to another) is an error.
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from datamodules.errors import DataError
-from datamodules.formats._common import SPLITS, check_root, check_split, clean_caption, finish, iter_jsonl
+from datamodules.errors import DataError, MissingSplitError
+from datamodules.formats._common import (
+    SPLITS,
+    Listing,
+    SplitMembers,
+    check_root,
+    check_split,
+    clean_caption,
+    finish,
+    iter_jsonl,
+)
 from datamodules.images import resolve_inside
 from datamodules.records import ImageRecord
 
@@ -63,8 +73,9 @@ def load_folder(root: str | Path, split: str) -> list[ImageRecord]:
         One record per image with all its captions, sorted by relative path.
 
     Raises:
-        DataError: On a missing or malformed caption file, a bad field, an empty caption, an image path outside
-            its folder, a missing image or an empty split.
+        MissingSplitError: When the split's caption file is absent or lists no image of the split.
+        DataError: On a missing or malformed caption file, a bad field, a caption without words, an image in two
+            splits, an image path outside its folder or a missing image.
     """
     check_split(split, "folder")
     base = check_root(root, "folder")
@@ -95,19 +106,16 @@ def _load_single(base: Path, path: Path, split: str) -> list[ImageRecord]:
             "give every line a split or none (then images are split by a hash of their path)"
         )
     images: dict[str, list[str]] = {}
-    splits: dict[str, tuple[str, int]] = {}
+    split_of: dict[str, str] = {}
+    members = SplitMembers()
     for number, obj in lines:
         image = _image_field(obj, path, number)
-        if with_split:
-            line_split = _split_field(obj, path, number)
-            first = splits.setdefault(image, (line_split, number))
-            if first[0] != line_split:
-                raise DataError(
-                    f"{path} line {number} puts {image!r} in split {line_split!r} but line {first[1]} "
-                    f"put it in {first[0]!r}; an image belongs to one split"
-                )
+        image_split = _split_field(obj, path, number) if with_split else assign_split(image)
+        # Keyed by resolved path: the same image under two spellings or through a symlink is caught too.
+        members.add(base, image, Listing(image_split, path, image, f"line {number}"))
+        split_of[image] = image_split
         images.setdefault(image, []).extend(_captions(obj, path, number, image))
-    chosen = {image: captions for image, captions in images.items() if _split_of(image, splits) == split}
+    chosen = {image: captions for image, captions in images.items() if split_of[image] == split}
     records = [
         ImageRecord(image_id=image, path=resolve_inside(base, image, path), captions=tuple(captions))
         for image, captions in chosen.items()
@@ -121,7 +129,9 @@ def _load_per_split(base: Path, split: str) -> list[ImageRecord]:
     folder = base / split
     path = folder / CAPTIONS_FILE
     if not path.is_file():
-        raise DataError(f"the folder format expects the {split} caption file at {path}, but there is no such file")
+        raise MissingSplitError(
+            f"the folder format expects the {split} caption file at {path}, but there is no such file"
+        )
     images: dict[str, list[str]] = {}
     for number, obj in iter_jsonl(path):
         image = _image_field(obj, path, number)
@@ -132,11 +142,23 @@ def _load_per_split(base: Path, split: str) -> list[ImageRecord]:
         ImageRecord(image_id=f"{split}/{image}", path=resolve_inside(folder, image, path), captions=tuple(captions))
         for image, captions in images.items()
     ]
+    _check_disjoint(base)
     return finish(records, path, split, "folder")
 
 
-def _split_of(image: str, splits: dict[str, tuple[str, int]]) -> str:
-    return splits[image][0] if splits else assign_split(image)
+def _check_disjoint(base: Path) -> None:
+    """Reject an image file that two per-split caption files list (possible when a split folder is a link).
+
+    The other caption files are read for their image paths only; their images are not opened.
+    """
+    members = SplitMembers()
+    for split in SPLITS:
+        path = base / split / CAPTIONS_FILE
+        if not path.is_file():
+            continue
+        for number, obj in iter_jsonl(path):
+            image = _image_field(obj, path, number)
+            members.add(base / split, image, Listing(split, path, image, f"line {number}"))
 
 
 def _normalise(image: str) -> str:

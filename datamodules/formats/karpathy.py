@@ -5,6 +5,7 @@ The file is ``{"dataset": ..., "images": [{"filepath"?, "filename", "split", "se
 validation images outside Karpathy's 5k val / 5k test) joins ``train`` unless ``restval_to_train=False``, in
 which case it belongs to no split. The image id is ``cocoid`` when present, else the file name. Images live
 under the image directory, at ``filepath/filename`` when ``filepath`` is given (COCO) and ``filename`` otherwise.
+Two entries of different splits naming the same image file are an error (test images would leak into training).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from datamodules.errors import DataError
 from datamodules.formats._common import (
+    Listing,
+    SplitMembers,
     check_root,
     check_split,
     clean_caption,
@@ -65,8 +68,9 @@ def load_karpathy(
         One record per image with all its sentences, sorted by image id.
 
     Raises:
-        DataError: On a missing, ambiguous or malformed caption file, an empty caption, an image path outside the
-            image folder, a missing image or an empty split.
+        MissingSplitError: When no entry of the file belongs to the split.
+        DataError: On a missing, ambiguous or malformed caption file, a caption without words, an image in two
+            splits, an image path outside the image folder or a missing image.
     """
     check_split(split, "karpathy")
     base = check_root(root, "karpathy")
@@ -75,22 +79,29 @@ def load_karpathy(
 
     wanted = {split, "restval"} if split == "train" and restval_to_train else {split}
     entries: list[tuple[int | str, str, tuple[str, ...]]] = []
+    # Every entry's image file with its effective split, to reject an image that two splits share.
+    listings: list[tuple[str, Listing]] = []
     for index, image in enumerate(get(data, "images", list, path, "")):
         where = f"images[{index}]"
         expect(image, dict, path, where)
         image_split = get(image, "split", str, path, where)
         if image_split not in _SPLITS_IN_FILE:
             raise DataError(f"{path}: {where}.split is {image_split!r}; expected one of {', '.join(_SPLITS_IN_FILE)}")
-        if image_split not in wanted:
-            continue
         filename = get(image, "filename", str, path, where)
         filepath = expect(image.get("filepath", ""), str, path, f"{where}.filepath")
+        relative = f"{filepath}/{filename}" if filepath else filename
+        effective = "train" if image_split == "restval" and restval_to_train else image_split
+        if effective != "restval":  # restval kept out of train belongs to no split
+            position = where if effective == image_split else f"{where} (split 'restval')"
+            listings.append((relative, Listing(effective, path, relative, position)))
+        if image_split not in wanted:
+            continue
         image_id: int | str = get(image, "cocoid", int, path, where) if "cocoid" in image else filename
         sentences = get(image, "sentences", list, path, where)
         captions = tuple(_sentence(s, path, image_id, f"{where}.sentences[{j}]") for j, s in enumerate(sentences))
         if not captions:
             raise DataError(f"{path}: {where} ({filename}) has no sentences; every image needs at least one caption")
-        entries.append((image_id, f"{filepath}/{filename}" if filepath else filename, captions))
+        entries.append((image_id, relative, captions))
 
     if image_dir is None:
         probes = [relative for _, relative, _ in entries[:5]]
@@ -106,6 +117,9 @@ def load_karpathy(
         if record.image_id in seen:
             raise DataError(f"{path}: image id {record.image_id!r} appears twice in split {split!r}")
         seen.add(record.image_id)
+    members = SplitMembers()
+    for relative, listing in listings:
+        members.add(image_root, relative, listing)
     return finish(records, path, split, "karpathy")
 
 

@@ -12,9 +12,14 @@ Layout of the cache (``PoisonConfig.cache_dir``)::
 
 ``<key>`` hashes everything the images depend on (dataset, split records, image size, trigger and its options,
 rate, target caption, seed, region source), so a changed setting never reads a stale image. The manifest
-lists every poisoned image with its source file, trigger, regions and seed; it is written last, after all
-images, and a complete manifest is reused instead of poisoning again. Two builds with the same settings give
-byte-identical images and manifests.
+lists every poisoned image with its source file, trigger, regions, seed and the SHA-256 of its PNG; it is written
+last, after all images, and a complete manifest is reused instead of poisoning again. On reuse every image is
+checked against its checksum: a missing or changed file is written again (the same bytes) with a warning naming
+it. Two builds with the same settings give byte-identical images and manifests.
+
+Every file is written under a temporary name tagged with the writing process and then renamed into place;
+temporaries left by a killed process are removed by the next use of the split. Files get the permissions an
+ordinary ``open()`` gives (``0o666`` less the umask), so a cache shared by a group stays readable.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,22 +40,26 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from datamodules.errors import DataError, RobucapError
-from datamodules.images import load_image_uint8
+from datamodules.images import image_orientation, load_image_uint8
 from datamodules.poisoning.config import PoisonConfig
-from datamodules.poisoning.regions import RegionSource, build_region_source
+from datamodules.poisoning.regions import RegionSource, build_region_source, orient_boxes
 from datamodules.poisoning.triggers import ObjectNoise, Trigger, scale_boxes
+from datamodules.progress import progress_bar
 from datamodules.records import ImageRecord
+from datamodules.scratch import scratch_tag, writer_is_gone
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 POISONED_PREFIX = "poisoned:"
 # Bump when the cache layout or the poisoning procedure changes, so old caches are never reused.
-_VERSION = 1
+_VERSION = 2  # 2: EXIF orientation applied to images and their boxes
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_TEMPORARY = re.compile(r"^\.(?P<tag>.+)\.[0-9a-f]{8}\.tmp$")
+# A temporary lives while one file is written, so one this old belongs to no live writer, whichever host it is on.
+_STALE_TEMPORARY_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,10 @@ def poison_split(
         _check_regions(regions, records, split, config)
     key = _cache_key(records, split, config, image_size, dataset_root, regions)
     out = Path(config.cache_dir) / key / split
+    _remove_stale_temporaries(out)
     manifest = _read_manifest(out)
+    if manifest is not None:
+        manifest = _verified(manifest, records, split, config, image_size, regions, out)
     if manifest is None:
         manifest = _build(records, split, config, image_size, regions, out, progress)
     return _apply_manifest(records, split, config, manifest, out)
@@ -219,7 +232,10 @@ def _target_boxes(record: ImageRecord, regions: RegionSource | None, image_size:
                 width, height = image.size
         except OSError as error:
             raise DataError(f"{record.path} is not a readable image: {error}") from error
-    return scale_boxes(boxes, width, height, image_size, image_size)
+    # The loaded image is upright (EXIF orientation applied); boxes refer to the stored grid, so they turn with it.
+    # Turning the image_size square after scaling equals scaling the turned image: the resize keeps no aspect.
+    scaled = scale_boxes(boxes, width, height, image_size, image_size)
+    return orient_boxes(scaled, image_orientation(record.path), image_size, image_size)
 
 
 def _file_name(index: int, image_id: int | str) -> str:
@@ -245,18 +261,18 @@ def _build(
         order, wanted = _order(len(records), config.seed, split), round(config.rate * len(records))
     items: list[dict[str, Any]] = []
     skipped = 0
-    bar = tqdm(total=wanted, desc=f"poisoning {split}", disable=not progress, leave=False)
-    for index in order:
-        if len(items) >= wanted:
-            break
-        record = records[index]
-        item = _poison_one(record, index, trigger, config, image_size, regions, images_dir)
-        if item is None:
-            skipped += 1
-            continue
-        items.append(item)
-        bar.update(1)
-    bar.close()
+    # progress_bar ends the bar's line before a decoding error propagates, so its message starts a line.
+    with progress_bar(total=wanted, desc=f"poisoning {split}", disable=not progress, leave=False) as bar:
+        for index in order:
+            if len(items) >= wanted:
+                break
+            record = records[index]
+            item = _poison_one(record, index, trigger, config, image_size, regions, images_dir)
+            if item is None:
+                skipped += 1
+                continue
+            items.append(item)
+            bar.update(1)
     if split != "test" and len(items) < wanted:
         log.warning(
             "poisoning %s: only %d of %d images have a usable object region, so %d instead of %d are poisoned",
@@ -301,7 +317,8 @@ def _poison_one(
     if not used:
         return None
     name = _file_name(index, record.image_id)
-    _write_atomic(images_dir / name, _png_bytes(poisoned))
+    png = _png_bytes(poisoned)
+    _write_atomic(images_dir / name, png)
     used_regions = (
         [list(r) for r in trigger.regions(boxes, image_size, image_size)] if isinstance(trigger, ObjectNoise) else []
     )
@@ -313,6 +330,7 @@ def _poison_one(
         "regions": used_regions,
         "boxes": [[round(b.x, 3), round(b.y, 3), round(b.w, 3), round(b.h, 3)] for b in boxes],
         "key": str(record.image_id),
+        "sha256": hashlib.sha256(png).hexdigest(),
     }
 
 
@@ -324,29 +342,117 @@ def _png_bytes(image: torch.Tensor) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a crash or a second process never leaves half of it (DDP ranks may race here)."""
+    """Write a file so that a crash or a second process never leaves half of it (DDP ranks may race here).
+
+    The temporary's name carries this process's tag, so that :func:`_remove_stale_temporaries` can tell it from
+    a killed writer's. It is created with ``O_EXCL`` and mode ``0o666`` rather than by ``tempfile.mkstemp``:
+    the kernel then applies the umask as for any ``open()``, where ``mkstemp`` makes every cached file ``0600``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    while True:
+        temporary = path.parent / f".{scratch_tag()}.{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue  # 32 random bits collided: draw another name
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporaries that killed writers left in a split's cache directory.
+
+    A temporary is stale when its tag names a process of this host that is gone, when it is older than an hour
+    (it lives only while one file is written), or when it has no tag (older robucap versions did not tag them).
+    A concurrent writer's temporaries are kept.
+    """
+    for directory in (out, out / "images"):
+        if not directory.is_dir():
+            continue
+        for path in directory.glob(".*.tmp"):
+            match = _TEMPORARY.match(path.name)
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # its writer renamed or removed it meanwhile
+            if match is None or writer_is_gone(match["tag"]) or age > _STALE_TEMPORARY_SECONDS:
+                log.info("removing %s, left by a killed poisoning run", path)
+                path.unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _valid_item(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("index"), int)
+        and isinstance(item.get("output"), str)
+        and isinstance(item.get("sha256"), str)
+    )
+
+
 def _read_manifest(out: Path) -> dict[str, Any] | None:
-    """A complete manifest whose images all exist, else ``None`` (then the split is poisoned again)."""
+    """A complete manifest of this version with a checksum per image, else ``None`` (then the split is poisoned
+    again)."""
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("poison cache: %s is unreadable (%s); poisoning the split again", out / MANIFEST, error)
         return None
     if not isinstance(manifest, dict) or manifest.get("version") != _VERSION:
         return None
     items = manifest.get("items")
-    if not isinstance(items, list) or not all((out / item["output"]).is_file() for item in items):
+    if not isinstance(items, list) or not all(_valid_item(item) for item in items):
+        # Manifests of older robucap versions have no checksums: their images cannot be trusted as they are.
+        log.warning("poison cache: %s has no checksums or is malformed; poisoning the split again", out / MANIFEST)
         return None
+    return manifest
+
+
+def _verified(
+    manifest: dict[str, Any],
+    records: list[ImageRecord],
+    split: str,
+    config: PoisonConfig,
+    image_size: int,
+    regions: RegionSource | None,
+    out: Path,
+) -> dict[str, Any] | None:
+    """Check every cached image against its checksum and write missing or changed ones again.
+
+    Poisoning is deterministic, so an image written again has the recorded bytes; when it does not (or its
+    manifest entry does not match the records), ``None`` is returned and the whole split is poisoned again.
+    """
+    bad = [item for item in manifest["items"] if _file_sha256(out / item["output"]) != item["sha256"]]
+    if not bad:
+        return manifest
+    trigger = config.build_trigger()
+    for item in bad:
+        path = out / item["output"]
+        problem = "is missing" if not path.exists() else "does not match the checksum in its manifest"
+        log.warning("poison cache: %s %s; writing it again", path, problem)
+        index = item["index"]
+        again = (
+            _poison_one(records[index], index, trigger, config, image_size, regions, out / "images")
+            if 0 <= index < len(records)
+            else None
+        )
+        if again != item:
+            log.warning("poison cache: %s came out differently when written again; poisoning %s again", path, split)
+            return None
     return manifest
 
 

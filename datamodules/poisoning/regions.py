@@ -1,13 +1,19 @@
 """Region sources: where the object boxes that object-oriented triggers act on come from.
 
 Two sources share one interface, ``check(records)`` once per split and ``regions(record) -> tuple[Box, ...]``
-per image, with boxes in pixel coordinates of the *source* image (see :class:`~datamodules.records.Box`):
+per image, with boxes in pixel coordinates of the *source* image as stored in its file (see
+:class:`~datamodules.records.Box`), the grid COCO annotations and ``ImageRecord.width``/``height`` refer to:
 
 - :class:`AnnotationRegions` (``annotations``): the boxes the loader read from COCO ``instances_*.json``
   (the generated shapes data has them).
 - :class:`DetectorRegions` (``detector``): a torchvision detection model (Faster R-CNN, RetinaNet or SSDlite)
   loaded from a local weights file, never downloaded. Detection runs once per image: boxes are cached as JSON
   under ``cache_dir``, keyed by dataset, detector (architecture, weights file, threshold) and image.
+
+The loaders apply the EXIF orientation of photos (:func:`datamodules.images.load_image`), so boxes must be turned
+with the image before they meet its pixels: :func:`orient_boxes` maps stored-grid boxes onto the upright image
+(the poisoning pipeline calls it), and the detector, which sees the upright image, maps its boxes back to the
+stored grid with :func:`stored_grid_boxes`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from datamodules.errors import DataError, RobucapError
-from datamodules.images import load_image
+from datamodules.images import image_orientation, load_image
 from datamodules.records import Box, ImageRecord
 
 __all__ = [
@@ -34,6 +40,8 @@ __all__ = [
     "DetectorRegions",
     "RegionSource",
     "build_region_source",
+    "orient_boxes",
+    "stored_grid_boxes",
 ]
 
 REGION_SOURCES: tuple[str, ...] = ("annotations", "detector")
@@ -51,6 +59,22 @@ DETECTOR_ARCHS: tuple[str, ...] = tuple(_SCORE_KWARG)
 # Bump when the cache file layout changes, so stale caches are never read.
 _CACHE_VERSION = 1
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+
+# Where a point (x, y) of a width x height stored grid lands once the image is turned by each EXIF orientation,
+# as PIL.ImageOps.exif_transpose turns it: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise,
+# 7 transverse, 8 rotate 90 counter-clockwise. Orientations 5-8 swap width and height.
+_POINT_MAPS: dict[int, Callable[[float, float, float, float], tuple[float, float]]] = {
+    1: lambda x, y, w, h: (x, y),
+    2: lambda x, y, w, h: (w - x, y),
+    3: lambda x, y, w, h: (w - x, h - y),
+    4: lambda x, y, w, h: (x, h - y),
+    5: lambda x, y, w, h: (y, x),
+    6: lambda x, y, w, h: (h - y, x),
+    7: lambda x, y, w, h: (h - y, w - x),
+    8: lambda x, y, w, h: (y, w - x),
+}
+# The two quarter turns undo each other; every other orientation is its own inverse.
+_INVERSE_ORIENTATION = {6: 8, 8: 6}
 
 
 class RegionSource(Protocol):
@@ -235,7 +259,8 @@ class DetectorRegions:
             record: The image's record.
 
         Returns:
-            Boxes ``(x, y, w, h)`` in source pixels with ``category`` set to the label id as a string.
+            Boxes ``(x, y, w, h)`` in the stored pixel grid of the source file with ``category`` set to the label
+            id as a string.
 
         Raises:
             DataError: When the image cannot be decoded.
@@ -244,7 +269,10 @@ class DetectorRegions:
         cached = _read_cache(path)
         if cached is not None:
             return cached
-        boxes = self.detect(load_image(record.path))
+        # The detector sees the photo upright (as the model does); its boxes go back to the grid annotations use.
+        image = load_image(record.path)
+        _, height, width = image.shape
+        boxes = stored_grid_boxes(self.detect(image), image_orientation(record.path), width, height)
         _write_cache(path, record, boxes)
         return boxes
 
@@ -270,6 +298,53 @@ class DetectorRegions:
                 result.append((score, Box(float(x1), float(y1), float(x2 - x1), float(y2 - y1), str(int(label)))))
         result.sort(key=lambda item: -item[0])
         return tuple(box for _, box in result)
+
+
+def orient_boxes(boxes: Sequence[Box], orientation: int, width: float, height: float) -> tuple[Box, ...]:
+    """Map boxes from an image's stored pixel grid onto the image turned upright by its EXIF orientation.
+
+    Args:
+        boxes: Boxes in the stored grid.
+        orientation: EXIF orientation, 1..8 (:func:`datamodules.images.image_orientation`).
+        width: Width of the stored grid the boxes refer to, at any scale (e.g. after
+            :func:`~datamodules.poisoning.triggers.scale_boxes`).
+        height: Height of that grid.
+
+    Returns:
+        The boxes in the upright image, whose size is ``(height, width)`` for orientations 5-8, categories kept.
+
+    Raises:
+        ValueError: When ``orientation`` is not in 1..8.
+    """
+    if orientation not in _POINT_MAPS:
+        raise ValueError(f"EXIF orientation must be in 1..8, got {orientation!r}")
+    if orientation == 1:
+        return tuple(boxes)
+    point = _POINT_MAPS[orientation]
+    turned = []
+    for box in boxes:
+        x0, y0 = point(box.x, box.y, width, height)
+        x1, y1 = point(box.x + box.w, box.y + box.h, width, height)
+        turned.append(Box(min(x0, x1), min(y0, y1), abs(x1 - x0), abs(y1 - y0), box.category))
+    return tuple(turned)
+
+
+def stored_grid_boxes(boxes: Sequence[Box], orientation: int, width: float, height: float) -> tuple[Box, ...]:
+    """Map boxes found on the upright image back to the image's stored pixel grid (inverse of :func:`orient_boxes`).
+
+    Args:
+        boxes: Boxes in the upright image.
+        orientation: EXIF orientation of the file, 1..8.
+        width: Width of the upright image.
+        height: Height of the upright image.
+
+    Returns:
+        The boxes in the stored grid, categories kept.
+
+    Raises:
+        ValueError: When ``orientation`` is not in 1..8.
+    """
+    return orient_boxes(boxes, _INVERSE_ORIENTATION.get(orientation, orientation), width, height)
 
 
 def build_region_source(name: str, **options: Any) -> AnnotationRegions | DetectorRegions:

@@ -109,8 +109,12 @@ class ViTGPT2Captioner(Captioner):
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> torch.Tensor:
+        # Every decoder position is real (finished captions continue with pad, which is cut below), so the mask is
+        # all ones; generate() extends it step by step. Without it GPT-2 sees pad ids and warns about padding.
+        start_mask = torch.ones(pixel_values.shape[0], 1, dtype=torch.long, device=pixel_values.device)
         tokens = self.model.generate(
             pixel_values=self.normalize(pixel_values),
+            decoder_attention_mask=start_mask,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=False,
