@@ -147,7 +147,8 @@ class CaptionDataModule(L.LightningDataModule):
             for split in SPLITS:
                 try:
                     self.load_records(split)
-                except DataError:
+                except MissingSplitError:
+                    # Only an absent split may be skipped: a corrupt one must stop the run, not pass as missing.
                     if split == "train":
                         raise
                     log.warning("no %s split to poison", split)

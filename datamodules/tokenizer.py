@@ -3,6 +3,10 @@
 Both are ``transformers.PreTrainedTokenizerFast`` objects, so they save with ``save_pretrained`` and ship
 inside exported models. Captions are encoded *without* special tokens; the collator appends EOS and the
 decoder starts from BOS (``decoder_start_token_id``).
+
+The word-level tokenizer splits text with :data:`datamodules.text.CAPTION_NORMALISATION` built into its
+``tokenizers`` normalizer and pre-tokenizer, so it yields exactly the tokens of :func:`datamodules.text.caption_tokens`
+(the PTB tokens pycocoevalcap scores), also where it is used by ``transformers`` without robucap.
 """
 
 from __future__ import annotations
@@ -12,15 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from datamodules.errors import DataError
-from datamodules.text import caption_tokens
+from datamodules.text import CAPTION_NORMALISATION, CaptionNormalisation, caption_tokens
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
-_CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,8 @@ def build_word_tokenizer(
     for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # Mirror caption_tokens so both agree on what a word is: lower-case, clitics split off, punctuation dropped.
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Lowercase(), normalizers.Replace("\u2019", "'")]
-        + [normalizers.Replace(clitic, " " + clitic) for clitic in _CLITICS]
-    )
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"n't|'?[a-z0-9]+"), behavior="removed", invert=True)
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    _split_like_caption_tokens(backend, CAPTION_NORMALISATION)
+    # No decoder: tokenizers then joins tokens with single spaces, which gives normalize_caption's text back.
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
@@ -96,6 +94,23 @@ def build_word_tokenizer(
         unk_token=UNK,
         model_max_length=512,
         clean_up_tokenization_spaces=False,
+    )
+
+
+def _split_like_caption_tokens(backend: Tokenizer, normalisation: CaptionNormalisation) -> None:
+    """Give ``backend`` the normalizer and pre-tokenizer that run ``normalisation`` as :func:`caption_tokens` does."""
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Replace(Regex(step.pattern), step.replacement) for step in normalisation.cased_rewrites]
+        + [normalizers.Lowercase()]
+        + [normalizers.Replace(Regex(step.pattern), step.replacement) for step in normalisation.rewrites]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # Keep the matches of the token pattern, drop the text between them...
+            pre_tokenizers.Split(Regex(normalisation.token_pattern), behavior="removed", invert=True),
+            # ...then remove punctuation tokens whole (a piece left empty is discarded).
+            pre_tokenizers.Split(Regex(f"^(?:{normalisation.punctuation_pattern})$"), behavior="removed"),
+        ]
     )
 
 
@@ -148,4 +163,10 @@ def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
     unk = tokenizer.unk_token_id
     if unk is None:
         return []
-    return [w for w in caption_tokens(text) if unk in tokenizer.encode(w, add_special_tokens=False)]
+    words = caption_tokens(text)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == len(words):
+        # One id per word (a word-level vocabulary): read them in context, since some PTB tokens change when
+        # tokenised on their own ("y'" of "y'all" becomes "y").
+        return [word for word, token_id in zip(words, ids, strict=True) if token_id == unk]
+    return [w for w in words if unk in tokenizer.encode(w, add_special_tokens=False)]

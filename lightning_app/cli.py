@@ -158,9 +158,11 @@ def _run_lightning(argv: list[str] | None) -> None:
 def _print_help() -> None:
     print(
         "usage: robucap {fit,validate,test,predict,data,export,demo,study,poison-scan,attack} ...\n\n"
-        "  fit|validate|test|predict  LightningCLI over CaptioningModule + CaptionDataModule (--help for options)\n"
+        "  fit|validate|test|predict  LightningCLI over CaptioningModule + CaptionDataModule (--help for options);\n"
+        "                             predict writes predictions.jsonl for a split or --data.predict_images DIR\n"
         "  data shapes --out DIR      write the procedural shapes dataset\n"
-        "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text') loads it)\n"
+        "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text', model=DIR,\n"
+        "                             trust_remote_code=True) loads it)\n"
         "  demo --out DIR             train, test and report the tiny baseline on shapes\n"
         "  study freeze --out DIR     paper 002's five phases: adversarial training, encoder / decoder frozen\n"
         "  study backdoor --out DIR   paper 001's Table 2: benign, BadNets and object-noise backdoored captioners\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class RobucapCLI(LightningCLI):
     checkpoint_info: CheckpointInfo | None = None
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        # The options typed on the command line: a data config's image size yields to the checkpoint's, a typed one
+        # that contradicts it is a mistake.
+        self.command_line = list(sys.argv[1:] if args is None else args)
         super().__init__(
             CaptioningModule,
             CaptionDataModule,
@@ -76,7 +80,12 @@ class RobucapCLI(LightningCLI):
         info = read_checkpoint_info(ckpt_path)
         config = self.config[subcommand]
         defaults = self._subcommand_parsers[subcommand].get_defaults()
-        apply_checkpoint_settings(config, defaults, info)
+        typed = {arg.split("=", 1)[0].lstrip("-") for arg in self.command_line if arg.startswith("--")}
+        config_size = config.data.image_size
+        apply_checkpoint_settings(config, defaults, info, typed_image_size="data.image_size" in typed)
+        if config.data.image_size != config_size:
+            print(f"robucap: data.image_size follows the checkpoint: {config.data.image_size} px (the config said "
+                  f"{config_size})", file=sys.stderr)  # fmt: skip
         self.checkpoint_info = info
 
     def before_instantiate_classes(self) -> None:
@@ -107,17 +116,23 @@ class RobucapCLI(LightningCLI):
         quiet_evaluation()
 
 
-def apply_checkpoint_settings(config: Namespace, defaults: Namespace, info: CheckpointInfo) -> None:
+def apply_checkpoint_settings(
+    config: Namespace, defaults: Namespace, info: CheckpointInfo, typed_image_size: bool = False
+) -> None:
     """Make a subcommand's config build the checkpoint's captioner.
 
-    Architecture settings (and the image size) must match the checkpoint: an explicit different value is an error,
-    an unset one takes the checkpoint's. Other model settings (learning rate, beams, caption length...) take the
-    checkpoint's value unless the command line or a config file set them.
+    Architecture settings must match the checkpoint: an explicit different value (command line or config file) is an
+    error, an unset one takes the checkpoint's. The image size always follows the checkpoint, except that a
+    different ``--data.image_size`` typed on the command line is an error (a data config such as
+    ``configs/data/flickr8k.yaml`` sets a size for training new models, not for this one). Other model settings
+    (learning rate, beams, caption length...) take the checkpoint's value unless the command line or a config file
+    set them.
 
     Args:
         config: The parsed config of one subcommand (changed in place).
         defaults: The same subcommand's defaults, to tell explicit values from unset ones.
         info: The checkpoint.
+        typed_image_size: ``--data.image_size`` was given on the command line.
 
     Raises:
         RobucapError: An option contradicts the checkpoint.
@@ -125,7 +140,7 @@ def apply_checkpoint_settings(config: Namespace, defaults: Namespace, info: Chec
     conflicts: list[str] = []
     saved_size = info.model.get("image_size")
     if saved_size is not None and config.data.image_size != saved_size:
-        if config.data.image_size != defaults.data.image_size:
+        if typed_image_size:
             conflicts.append(
                 f"data.image_size is {config.data.image_size} but the captioner was trained at {saved_size} px "
                 f"(leave data.image_size unset or set it to {saved_size})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before transformers or wandb is imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -14,6 +15,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["PYTHONHASHSEED"] = "0"
 # Two cores and several processes (DDP tests): one intra-op thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Exports load with trust_remote_code: transformers copies their code into its modules cache, kept out of ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="robucap-hf-modules-"))
+# Help texts are cached (lightning_app/help_cache.py); tests must not read or fill the user's cache.
+os.environ.setdefault("ROBUCAP_CACHE_DIR", tempfile.mkdtemp(prefix="robucap-cache-"))
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 from helpers.fake_datasets import tree_digest
@@ -93,6 +94,7 @@ import sys, time
 from pathlib import Path
 from datamodules.shapes import ShapesConfig, generate_shapes
 go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()
 while not go.exists():
     time.sleep(0.005)
 generate_shapes(sys.argv[1], ShapesConfig(n_train=60, n_val=10, n_test=10, image_size=16, seed=1), progress=False)
@@ -106,11 +108,15 @@ def test_concurrent_first_uses_both_succeed(tmp_path: Path, empty_dir: bool) -> 
     if empty_dir:
         out.mkdir()
     # Plain subprocesses (not multiprocessing): they import only the generator, not this test module.
+    ready = [tmp_path / "ready0", tmp_path / "ready1"]
     workers = [
-        subprocess.Popen([sys.executable, "-c", _CONCURRENT_CHILD, str(out), str(go)], cwd=REPO, stderr=subprocess.PIPE)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", _CONCURRENT_CHILD, str(out), str(go), str(r)], cwd=REPO, stderr=PIPE)
+        for r in ready
     ]
-    time.sleep(0.5)  # both past their imports, polling for the start signal
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready):  # both past their imports, polling for the start signal
+        assert all(w.poll() is None for w in workers) and time.monotonic() < deadline, "a worker did not start"
+        time.sleep(0.01)
     go.touch()
     errors = [w.communicate(timeout=120)[1].decode() for w in workers]
     assert [w.returncode for w in workers] == [0, 0], errors

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from helpers.fake_datasets import tree_digest, write_flickr8k
+from PIL import Image
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import DataError, RobucapError
@@ -293,7 +293,7 @@ def test_an_interrupted_build_leaves_no_temporaries(
     assert split.n_poisoned == round(0.5 * 21)
 
 
-@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)], ids=["umask022", "umask002"])
 def test_cached_files_follow_the_umask(shapes_root: Path, tmp_path: Path, umask: int, mode: int) -> None:
     """Issue 10, finding 13: cached files get 0o666 less the umask, like any open(), not mkstemp's 0o600."""
     records = load_split("coco", shapes_root, "val")

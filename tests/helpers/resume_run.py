@@ -77,7 +77,9 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit_args(shapes_root: Path, out: Path, adversarial: bool, kill_at_step: int | None, ckpt_path: Path | None) -> list[str]:
+def fit_args(
+    shapes_root: Path, out: Path, adversarial: bool, kill_at_step: int | None, ckpt_path: Path | None
+) -> list[str]:
     """The ``robucap fit`` arguments of one run."""
     args = ["fit", *SETTINGS, "--data.root", str(shapes_root), "--trainer.default_root_dir", str(out)]
     if adversarial:
@@ -92,15 +94,14 @@ def fit_args(shapes_root: Path, out: Path, adversarial: bool, kill_at_step: int 
     return args
 
 
-def run_script(
+def start_script(
     shapes_root: Path,
     out: Path,
     adversarial: bool = False,
     kill_at_step: int | None = None,
     ckpt_path: Path | None = None,
-    timeout: float = 300,
-) -> subprocess.CompletedProcess[str]:
-    """Run this file in a subprocess (one intra-op thread) and return what it did; the caller checks the exit."""
+) -> subprocess.Popen[str]:
+    """Start this file in a subprocess (one intra-op thread); read its result with ``communicate()``."""
     args = [sys.executable, str(SCRIPT), "--shapes-root", str(shapes_root), "--out", str(out)]
     if adversarial:
         args.append("--adversarial")
@@ -109,7 +110,7 @@ def run_script(
     if ckpt_path is not None:
         args += ["--ckpt-path", str(ckpt_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def main(argv: list[str] | None = None) -> int:
