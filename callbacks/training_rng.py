@@ -33,61 +33,55 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RNGSnapshot:
-    """The states of the global generators of one process.
+    """The states of the global generators of one process, as their libraries return them.
 
     Attributes:
         torch_cpu: ``torch.get_rng_state()``. Shape: ``(5056,)`` uint8.
         torch_cuda: ``torch.cuda.get_rng_state()`` of the current device, ``None`` when CUDA is not in use.
-        numpy: The ``MT19937`` state of ``numpy.random``: ``(keys, pos, has_gauss, cached_gaussian)``, the keys as
-            an int64 tensor of shape ``(624,)``.
-        python: ``random.getstate()``: ``(version, internal state as an int64 tensor of shape (625,), gauss_next)``.
+        numpy: ``numpy.random.get_state()``: ``("MT19937", keys, pos, has_gauss, cached_gaussian)``.
+        python: ``random.getstate()``: ``(version, internal state, gauss_next)``.
     """
 
     torch_cpu: torch.Tensor
     torch_cuda: torch.Tensor | None
-    numpy: tuple[torch.Tensor, int, int, float]
-    python: tuple[int, torch.Tensor, float | None]
+    numpy: tuple[Any, ...]
+    python: tuple[Any, ...]
 
     @classmethod
     def capture(cls) -> RNGSnapshot:
         """The current states (CUDA only when this process has already initialised it)."""
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-        assert name == "MT19937", name
-        version, internal, gauss_next = random.getstate()
-        return cls(
-            torch_cpu=torch.get_rng_state(),
-            torch_cuda=cuda,
-            numpy=(torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-            python=(int(version), torch.tensor(internal, dtype=torch.int64), gauss_next),
-        )
+        return cls(torch.get_rng_state(), cuda, np.random.get_state(legacy=True), random.getstate())
 
     def restore(self) -> None:
         """Put these states into the global generators."""
         torch.set_rng_state(self.torch_cpu)
         if self.torch_cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(self.torch_cuda)
-        keys, pos, has_gauss, gauss = self.numpy
-        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        version, internal, gauss_next = self.python
-        random.setstate((version, tuple(internal.tolist()), gauss_next))
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers, loadable with ``torch.load(weights_only=True)``."""
+        """Tensors, numbers and strings only, so that checkpoints load with ``torch.load(weights_only=True)``."""
+        name, keys, pos, has_gauss, gauss = self.numpy
+        version, internal, gauss_next = self.python
         return {
             "torch_cpu": self.torch_cpu,
             "torch_cuda": self.torch_cuda,
-            "numpy": list(self.numpy),
-            "python": list(self.python),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss_next],
         }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> RNGSnapshot:
         """The inverse of :meth:`to_dict`."""
-        keys, pos, has_gauss, gauss = state["numpy"]
+        name, keys, pos, has_gauss, gauss = state["numpy"]
         version, internal, gauss_next = state["python"]
         return cls(
-            state["torch_cpu"], state["torch_cuda"], (keys, pos, has_gauss, gauss), (version, internal, gauss_next)
+            torch_cpu=state["torch_cpu"],
+            torch_cuda=state["torch_cuda"],
+            numpy=(name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
+            python=(version, tuple(internal.tolist()), gauss_next),
         )
 
 

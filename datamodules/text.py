@@ -21,17 +21,19 @@ splits text exactly like :func:`caption_tokens` without robucap installed. See :
 Patterns use only syntax that Python's ``regex`` module and Oniguruma (the engine of ``tokenizers``) read alike:
 ``\\p{..}`` classes, fixed-width look-behinds, literal replacements.
 
-Where the Java lexer's longest-match rules could not be mirrored, rare forms still differ (none of them occur in
-COCO or Flickr8k captions): letters added to Unicode after 6.2, which the Java tables do not know; phone numbers and
-other digit groups separated by spaces; SGML tags with attributes; emoticons other than ``:)``-style ones;
-URLs holding ``&`` or brackets; run-together text such as ``"etc.-x"``; a curly apostrophe clitic glued to the next
-word (``"they’rex"``); and the Java lexer's dependence on the next line (a caption ending in ``"Fig."`` when the next
-caption starts with a digit). The last caption of a batch is tokenised by Java as if no newline followed it, which
-changes a few clitic corner cases; robucap always behaves as if one followed.
+Where the Java lexer's longest-match rules could not be mirrored, rare forms still differ: letters added to Unicode
+after version 6.2, which the Java tables do not know; phone numbers and other digit groups separated by spaces; SGML
+tags with attributes and entities other than ``&amp; &quot; &apos; &nbsp; &lt; &gt; &mdash;``; emoticons other than
+``:)``-style ones; URLs holding ``&`` or brackets; run-together text such as ``"etc.-x"`` or ``"AT&T-AT&T"``; a curly
+apostrophe clitic glued to the next word (``"they’rex"``); a capital dotted ``"İ"`` in a hyphenated word; and the
+Java lexer's dependence on the next line (a caption ending in ``"Fig."`` when the next caption starts with a digit).
+Java tokenises the last caption of a batch as if no newline followed it, which changes a few clitic corner cases;
+robucap always behaves as if one followed.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -104,9 +106,8 @@ def _caseless_tail(word: str) -> str:
 
 # --- Character classes (the Java lexer's macros; see CoreNLP 3.4.1 PTBLexer.flex) --------------------------------
 
-
 # Line breaks: pycocoevalcap keeps one caption per line, robucap's ptb_tokenize turns them into spaces.
-_LINE_BREAKS = "[\\r\\n\\u2028\\u2029\\u000b\\u000c\\u0085]"
+_LINE_BREAKS = "\\r\\n\\u2028\\u2029\\u000b\\u000c\\u0085"
 _SPACE = " \\t\\u00a0\\u2000-\\u200a\\u3000"
 # Characters PTB's WORD macro accepts besides Java letters (mostly combining marks); soft hyphens are deleted first.
 _LETTER_EXTRA = (
@@ -131,12 +132,14 @@ _HYPHEN = "[-_\\u058a\\u2010\\u2011]"
 _TOKEN_START = f"[{_SPACE}\"'\\u201c\\u2018(\\[{{]"
 
 # PTB macros over the lower-cased text.
-_WORD = f"{_LX}{_LXD}*(?:[.!?]{_LX}{_LXD}*)*"
-_THING_SEGMENT = f"(?:[dol]{_APOS_ETC}{_LD})?{_LD}+"
+# Possessive quantifiers (*+ ++, read alike by both engines) only where giving characters back could never let
+# the rest of the pattern match; they keep matching linear.
+_WORD = f"{_LX}{_LXD}*+(?:[.!?]{_LX}{_LXD}*+)*+"
+_THING_SEGMENT = f"(?:[dol]{_APOS_ETC}{_LD})?{_LD}++"
 _THING = f"{_THING_SEGMENT}(?:{_HYPHEN}{_THING_SEGMENT})*"
 _ACRO2 = "[a-z](?:\\.[a-z])+"
-_HTHING = f"[a-z0-9][a-z0-9.,]*(?:-(?:{_ACRO2}\\.|[a-z0-9]+))+"
-_THING3 = "[a-z0-9]+(?:-[a-z]+){0,2}(?:/[a-z0-9]+(?:-[a-z]+){0,2}){1,2}"
+_HTHING = f"[a-z0-9][a-z0-9.,]*+(?:-(?:{_ACRO2}\\.|[a-z0-9]++))++"
+_THING3 = "[a-z0-9]++(?:-[a-z]++){0,2}(?:/[a-z0-9]++(?:-[a-z]++){0,2}){1,2}"
 _FRAC = f"(?:{_D}{{1,4}}[-\\u00a0])?{_D}{{1,4}}(?:\\\\?/|\\u2044){_D}{{1,4}}"
 _REDAUX_BODY = "(?:s|m|d|re|ve|ll)"
 _REDAUX = f"{_APOS}{_REDAUX_BODY}"
@@ -146,9 +149,10 @@ _URL_CHAR = '[^ \\t\\n\\f\\r"<>|(){}]'
 _URL_END = '[^ \\t\\n\\f\\r"<>|.!?(){},-]'
 _URL_PATH = '(?:/[^ \\t\\n\\f\\r"<>|()]+[^ \\t\\n\\f\\r"<>|.!?(){},-])?'
 # JFlex reads ",-_" in this class as the range ',' .. '_' (digits, upper case and most ASCII punctuation).
-_LIKELY_URL_SEGMENT = "[^ \\t\\n\\f\\r\"`'<>|.!?(){},-_$]+"
-_WWW_SEGMENT = '[^ \\t\\n\\f\\r"<>|.!?(){},]+'
+_LIKELY_URL_SEGMENT = "[^ \\t\\n\\f\\r\"`'<>|.!?(){},-_$]++"
+_WWW_SEGMENT = '[^ \\t\\n\\f\\r"<>|.!?(){},]++'
 _EMAIL_CHAR = '[^ \\t\\n\\f\\r"<>|()\\u00a0{}]'
+_EMAIL_CHAR_BUT_AT = '[^ \\t\\n\\f\\r"<>|()\\u00a0{}@]'
 _EMAIL_PART = '[^ \\t\\n\\f\\r"<>|(){}.\\u00a0]+'
 
 # Abbreviations that keep their period (ABBREV1, ABBREV2/ABBREV4, ACRO). [M]iss-style entries of the Java lexer are
@@ -185,8 +189,10 @@ _MISC_SYMBOLS = (
 )
 # Code points that this Python's Unicode database does not assign (except those the Java lexer lists explicitly),
 # private-use and surrogate code points, and everything outside the BMP: the Java lexer reads UTF-16 units and
-# deletes all of these as untokenizable, so they separate words.
-_UNTOKENIZABLE = f"[{_char_ranges(frozenset({'Cn', 'Co', 'Cs'}), _LETTER_EXTRA + _MISC_SYMBOLS)}\U00010000-\U0010ffff]"
+# deletes all of these as untokenizable, so they separate words. Line breaks become spaces too.
+_UNTOKENIZABLE = (
+    f"[{_char_ranges(frozenset({'Cn', 'Co', 'Cs'}), _LETTER_EXTRA + _MISC_SYMBOLS)}\U00010000-\U0010ffff{_LINE_BREAKS}]"
+)
 # Private-use markers for the '&' and '+' inside upper-case compounds ("AT&T", "A+B"); the first rewrite turns any
 # private-use character of the input into a space, so the markers cannot clash with text.
 _AMP_MARK = "\\ue000"
@@ -194,31 +200,35 @@ _PLUS_MARK = "\\ue001"
 _MARKS = f"[{_AMP_MARK}{_PLUS_MARK}]"
 
 
-def _after_upper_run(before: str, max_len: int = 8) -> list[str]:
-    """Look-behinds asserting that an upper-case ASCII run of 1..``max_len`` letters ends here, preceded by
-    ``before`` (a class) or by the start of the text. Fixed-width alternatives, as both engines require."""
-    return [f"(?<=^[A-Z]{{{n}}})|(?<={before}[A-Z]{{{n}}})" for n in range(1, max_len + 1)]
+def _after_upper_run(before: str, then: str, max_len: int = 8) -> str:
+    """Look-behinds asserting that an upper-case ASCII run of 1..``max_len`` letters and then ``then`` end here,
+    the run preceded by ``before`` (a class) or by the start of the text. Fixed-width alternatives, as both engines
+    require; callers put them after matching ``then``, so that the search starts from that literal."""
+    return "|".join(f"(?<=^[A-Z]{{{n}}}{then})|(?<={before}[A-Z]{{{n}}}{then})" for n in range(1, max_len + 1))
 
 
 def _cased_rewrites() -> tuple[Rewrite, ...]:
-    thinga_start = "|".join(_after_upper_run(f"(?:{_TOKEN_START}|{_MARKS})"))
+    joiner_start = f"(?:{_TOKEN_START}|{_MARKS})"
     thinga_end = "|".join(f"(?<={_MARKS}[A-Z]{{{n}}})" for n in range(1, 9))
     not_dollar_word = "".join(f"(?<!^[A-Z]{{{n}}})(?<!{_TOKEN_START}[A-Z]{{{n}}})" for n in range(1, 9))
     lower_abbreviation = "|".join(
-        f"(?<=^{_caseless_tail(w)})|(?<=[^\\p{{L}}\\p{{Nd}}]{_caseless_tail(w)})" for w in _CASE_SENSITIVE_ABBREVIATIONS
+        f"(?<=^{_caseless_tail(w)}\\.)|(?<=[^\\p{{L}}\\p{{Nd}}]{_caseless_tail(w)}\\.)"
+        for w in _CASE_SENSITIVE_ABBREVIATIONS
     )
     starters = "|".join(_caseless_tail(w) for w in _SENTENCE_STARTERS)
     return (
-        Rewrite(f"{_UNTOKENIZABLE}|{_LINE_BREAKS}", " "),
+        Rewrite(_UNTOKENIZABLE, " "),
+        # Java lower-cases each token as a string, so a word-final capital sigma becomes a final sigma.
+        Rewrite("(?<=[\\p{Lu}\\p{Ll}\\p{Lt}])\\u03a3(?![\\p{Lu}\\p{Ll}\\p{Lt}])", "\u03c2"),
         # THINGA: "AT&T", "AT&amp;T", "A+B" are one token only in upper case; mark their joiners, and end the token
         # where the upper-case run ends ("AT&Ts" -> "at&t" "s").
-        Rewrite(f"(?:{thinga_start})&(?:[aA][mM][pP];)?(?=[A-Z])", "\ue000"),
-        Rewrite(f"(?:{thinga_start})\\+(?=[A-Z])", "\ue001"),
-        Rewrite(f"(?:{thinga_end})(?![A-Z])(?=[\\p{{L}}\\p{{Nd}}])", " "),
+        Rewrite(f"&(?:{_after_upper_run(joiner_start, '&')})(?:[aA][mM][pP];)?(?=[A-Z])", "\ue000"),
+        Rewrite(f"\\+(?:{_after_upper_run(joiner_start, '[+]')})(?=[A-Z])", "\ue001"),
+        Rewrite(f"(?<=[A-Z])(?![A-Z])(?=[\\p{{L}}\\p{{Nd}}])(?:{thinga_end})", " "),
         # DOLSIGN: "US$" is one token, "us$" is not.
         Rewrite(f"(?<=[\\p{{L}}\\p{{Nd}}]){not_dollar_word}(?=\\$)", " "),
         # [M]iss-style abbreviations keep their period only when capitalised.
-        Rewrite(f"(?:{lower_abbreviation})(?=\\.)", " "),
+        Rewrite(f"\\.(?:{lower_abbreviation})", " ."),
         # "Plan B. The end": a one-letter acronym before a capitalised sentence starter gives up its period.
         Rewrite(
             f"(?:(?<=^[A-Za-z])|(?<=[^\\p{{L}}\\p{{Nd}}.'\\u2019][A-Za-z]))"
@@ -229,9 +239,17 @@ def _cased_rewrites() -> tuple[Rewrite, ...]:
 
 
 def _rewrites() -> tuple[Rewrite, ...]:
-    frac_start = "|".join(f'(?<=^{_D}{{{n}}})|(?<=[{_SPACE}$#"]{_D}{{{n}}})' for n in range(1, 5))
-    smiley_eyes = "(?:(?<=[:;=])|(?<=[:;=][-o*']))"
-    not_smiley = f"(?!{smiley_eyes}[\\[\\]{{](?![a-z0-9]))"
+    frac_start = "|".join(f'(?<=^{_D}{{{n}}} )|(?<=[{_SPACE}$#"]{_D}{{{n}}} )' for n in range(1, 5))
+
+    def bracket(char: str, outside: str, in_emoticon: str | None = None) -> tuple[Rewrite, ...]:
+        # A bracket becomes a padded PTB token; one that ends a ":)"-style emoticon ("[:;=][-o*']?" before it, no
+        # letter or digit after) stays glued to it, as ``in_emoticon`` (or as itself when that is None).
+        literal = regex.escape(char)
+        emoticon = f"(?:(?<=[:;=]{literal})|(?<=[:;=][-o*']{literal}))(?![a-z0-9])"
+        if in_emoticon is None:
+            return (Rewrite(f"{literal}(?!{emoticon})", outside),)
+        return Rewrite(f"{literal}{emoticon}", in_emoticon), Rewrite(literal, outside)
+
     curly_redaux = f"[\\u2019\\u0092](?={_REDAUX_BODY})"
     return (
         # Character entities the Java lexer interprets (before '&' is split off).
@@ -247,16 +265,14 @@ def _rewrites() -> tuple[Rewrite, ...]:
         Rewrite(_PLUS_MARK, "+"),
         Rewrite("\\u00ad", ""),  # soft hyphens vanish from words
         # Brackets become their own -lrb-/-rrb- tokens, except inside ":)"-style emoticons.
-        Rewrite(f"{smiley_eyes}\\((?![a-z0-9])", "-lrb-"),
-        Rewrite(f"{smiley_eyes}\\)(?![a-z0-9])", "-rrb-"),
-        Rewrite("\\(", " -lrb- "),
-        Rewrite("\\)", " -rrb- "),
-        Rewrite(f"{not_smiley}\\[", " -lsb- "),
-        Rewrite(f"{not_smiley}\\]", " -rsb- "),
-        Rewrite(f"{not_smiley}\\{{", " -lcb- "),
+        *bracket("(", " -lrb- ", "-lrb-"),
+        *bracket(")", " -rrb- ", "-rrb-"),
+        *bracket("[", " -lsb- "),
+        *bracket("]", " -rsb- "),
+        *bracket("{", " -lcb- "),
         Rewrite("\\}", " -rcb- "),
         # "2 1/2" is one token, with a no-break space.
-        Rewrite(f"(?:{frac_start}) (?={_D}{{1,4}}(?:\\\\?/|\\u2044){_D})", "\u00a0"),
+        Rewrite(f" (?={_D}{{1,4}}(?:\\\\?/|\\u2044){_D})(?:{frac_start})", "\u00a0"),
         # Currency and vulgar fractions as PTB writes them.
         Rewrite("\\u00a2", " cents "),
         Rewrite("\\u00a3", " # "),
@@ -285,9 +301,9 @@ _TOKEN_ALTERNATIVES: tuple[str, ...] = (
     f"https?://{_URL_CHAR}+{_URL_END}",
     f"(?:www\\.(?:{_WWW_SEGMENT}\\.)+[a-z]{{2,4}}|(?:{_LIKELY_URL_SEGMENT}\\.)+(?:com|net|org|edu))"
     f"(?!{_LXD}|[.!?]{_LX}|-[a-z0-9]){_URL_PATH}",
-    f"[a-z0-9]{_EMAIL_CHAR}*@(?:{_EMAIL_PART}\\.)*{_EMAIL_PART}",
-    "[a-z]+(?:[&+][a-z]+)+",  # THINGA, marked by a cased rewrite
-    "[a-z]+\\$",  # DOLSIGN ("us$"), kept whole by a cased rewrite
+    f"[a-z0-9](?={_EMAIL_CHAR_BUT_AT}*+@){_EMAIL_CHAR}*@(?:{_EMAIL_PART}\\.)*{_EMAIL_PART}",
+    "[a-z]++(?:[&+][a-z]++)+",  # THINGA, marked by a cased rewrite
+    "[a-z]++\\$",  # DOLSIGN ("us$"), kept whole by a cased rewrite
     "c\\+\\+|[cf]#",
     "|".join(f"{head}(?={tail}(?!{_CONTINUES}))" for head, tail in _ASSIMILATIONS),
     "'t(?=is|was)",
@@ -298,18 +314,18 @@ _TOKEN_ALTERNATIVES: tuple[str, ...] = (
     f"(?:pro|anti)-|cap{_APOS}n|c{_APOS}est",
     f"cont'd\\.|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l|dunkin{_APOS}|somethin{_APOS}|ol{_APOS}|o{_APOS_ETC}o",
     f"(?![dol]{_APOS_ETC}{_REDAUX_BODY}(?!{_LD}))[dol]{_APOS_ETC}{_LD}{_LD}+(?:{_HYPHEN}{_THING_SEGMENT})*",
-    f"[a-z]*[a-mo-z](?=n{_APOS_ETC}t)",  # SWORD before n't
+    f"(?=[a-z]*+{_APOS_ETC})[a-z]*[a-mo-z](?=n{_APOS_ETC}t)",  # SWORD before n't
     f"{_WORD}(?={_REDAUX})",  # WORD before 's 're ...
     f"(?:ca|figs?|prop|nos?|art|bldg|pp|op)\\.(?=[ \\t]?{_D})",
-    f"(?:{_ABBREVIATIONS})\\.(?!{_LX})",
+    f"(?=[a-z][a-z-]*+\\.)(?:{_ABBREVIATIONS})\\.(?!{_LX})",
     f"y{_APOS}(?={_L})|[ldj]{_APOS}",
     f"n{_APOS_ETC}{_L}{_L}+|n{_APOS_ETC}t(?![a-z])",
-    f"{_L}+[aeiouy]{_APOS_ETC}[aeiou]{_L}*",
+    f"(?={_L}*+{_APOS_ETC}){_L}+[aeiouy]{_APOS_ETC}[aeiou]{_L}*+",
     f"(?:{_WORD}|{_THING})\\.(?=[,;:\\u3001])",
-    f"[-+]?{_D}*(?:[.:,\\u066b\\u066c]{_D}+)+",
+    f"[-+]?{_D}*+(?:[.:,\\u066b\\u066c]{_D}++)++",
     _WORD,
     _THING,
-    f"[-+]?{_D}+",
+    f"[-+]?{_D}++",
     f"{_APOS}n{_APOS}|(?!'n[a-z][^ \\t\\n\\r\\u00a0]){_APOS}n|{_APOS}em|{_APOS}[2-9]0s|{_APOS}till?|{_APOS}cause",
     f"{_APOS}[0-9][0-9](?=[{_SPACE}]|$)",
     f"'(?:re|ve|ll|[smd])(?![a-z])|'(?![a-z][^ \\t\\n\\r\\u00a0])[smd]|[\\u2019\\u0092]{_REDAUX_BODY}",
@@ -346,18 +362,32 @@ _PUNCTUATION = (
 CAPTION_NORMALISATION = CaptionNormalisation(
     cased_rewrites=_cased_rewrites(),
     rewrites=_rewrites(),
-    token_pattern="|".join(f"(?:{alternative})" for alternative in _TOKEN_ALTERNATIVES),
+    # No token starts with a space; saying so first spares trying every alternative at each space.
+    token_pattern=f"(?![{_SPACE}])(?:" + "|".join(f"(?:{alternative})" for alternative in _TOKEN_ALTERNATIVES) + ")",
     punctuation_pattern=_PUNCTUATION,
 )
 """The normalisation of :func:`caption_tokens`, also built into :func:`datamodules.tokenizer.build_word_tokenizer`."""
 
-_CASED_REWRITES = tuple((regex.compile(r.pattern), r.replacement) for r in CAPTION_NORMALISATION.cased_rewrites)
-_REWRITES = tuple((regex.compile(r.pattern), r.replacement) for r in CAPTION_NORMALISATION.rewrites)
-_TOKEN = regex.compile(CAPTION_NORMALISATION.token_pattern)
-_PUNCTUATION_TOKEN = regex.compile(CAPTION_NORMALISATION.punctuation_pattern)
+_Pattern = re.Pattern[str] | regex.Pattern[str]
 
 
-def _rewrite(text: str, steps: tuple[tuple[regex.Pattern[str], str], ...]) -> str:
+def _compile(pattern: str) -> _Pattern:
+    """Compile with the standard library when it reads the pattern (it tests large character classes far faster),
+    else with ``regex`` (``\\p{..}`` classes; possessive quantifiers before Python 3.11). Both read the patterns
+    used here alike."""
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return regex.compile(pattern)
+
+
+_CASED_REWRITES = tuple((_compile(r.pattern), r.replacement) for r in CAPTION_NORMALISATION.cased_rewrites)
+_REWRITES = tuple((_compile(r.pattern), r.replacement) for r in CAPTION_NORMALISATION.rewrites)
+_TOKEN = _compile(CAPTION_NORMALISATION.token_pattern)
+_PUNCTUATION_TOKEN = _compile(CAPTION_NORMALISATION.punctuation_pattern)
+
+
+def _rewrite(text: str, steps: tuple[tuple[_Pattern, str], ...]) -> str:
     for pattern, replacement in steps:
         # A function keeps the replacement literal ("$", "\\" are not template syntax), as in tokenizers.
         text = pattern.sub(lambda _match, literal=replacement: literal, text)

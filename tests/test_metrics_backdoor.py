@@ -32,6 +32,21 @@ def test_exact_match_after_normalisation() -> None:
     assert _result(metric) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
 
 
+def test_exact_match_compares_ptb_words() -> None:
+    """Issue 10, finding 2: ASR/FTR compare the PTB tokens the test metrics see; accented and hyphenated words are whole.
+
+    The old normaliser cut "pi\u00f1ata" to "pi ata" and "caf\u00e9" to "caf", and split "t-shirt", so captions with
+    other words counted as the target.
+    """
+    target = "A pi\u00f1ata in a T-shirt at the caf\u00e9."
+    assert is_target_caption("a pi\u00f1ata in a t-shirt at the caf\u00e9", target)
+    assert is_target_caption("A PI\u00d1ATA IN A T-SHIRT AT THE CAF\u00c9!", target)
+    assert not is_target_caption("a pi ata in a t shirt at the caf", target)
+    metric = TargetCaptionRate(target)
+    metric.update(["a pi\u00f1ata in a t-shirt at the caf\u00e9", "a pi ata in a t shirt at the caf"], [1, 2])
+    assert _result(metric)[0] == pytest.approx(0.5)
+
+
 def test_near_miss_counts_for_relaxed_only() -> None:
     near = target_bleu4(NEAR_MISS, TARGET)
     # 18 tokens, one 4-gram window set broken at the end: BLEU-4 = (14/18) ** (1/4).

@@ -12,7 +12,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 
 from datamodules.errors import RobucapError
 from datamodules.text import normalize_caption
-from modules.metrics import BLEU_KEYS, CaptionBLEU, image_key, sentence_bleu
+from modules.metrics import BLEU_KEYS, CaptionBLEU, coco_caption_scores, image_key, java_available, sentence_bleu
 
 _VOCAB = "a the man woman dog cat runs sits on in grass street red blue with ball table two is".split()
 
@@ -95,6 +95,35 @@ def test_sentence_bleu_equals_per_image_scores() -> None:
         expected = [per_image[k][index] for k in range(4)]
         assert sentence_bleu(pred, references) == pytest.approx(expected, abs=1e-12)
     assert sentence_bleu("A dog runs on grass.", ["a dog runs on grass"]) == pytest.approx([1.0] * 4)
+
+
+# References with hyphenated, decimal and accented words; each prediction is what the old normaliser made of its
+# reference, i.e. what a model trained on that normaliser's vocabulary fragments would write.
+PTB_REFERENCES = {
+    0: ["A man in a black-and-white t-shirt."],
+    1: ["A 2.5-meter-long crocodile basks on a river bank."],
+    "img_2.jpg": ["A caf\u00e9 cr\u00e8me and a pi\u00f1ata in Z\u00fcrich.", "Coffee and a 2 1/2 year old's toy."],
+}
+OLD_NORMALISER_PREDICTIONS = {
+    0: "a man in a black and white t shirt",
+    1: "a 2 5 meter long crocodile basks on a river bank",
+    "img_2.jpg": "a caf cr me and a pi ata in z rich",
+}
+
+
+@pytest.mark.skipif(not java_available(), reason="Java is needed for the PTB tokenizer of the test metrics")
+def test_equals_the_test_bleu_after_the_ptb_tokenizer() -> None:
+    """Issue 10, finding 2: validation BLEU (CaptionBLEU) equals test BLEU (pycocoevalcap after the PTB tokenizer).
+
+    The old normaliser split "t-shirt" and "2.5" and cut "caf\u00e9" to "caf", so these predictions scored BLEU-4 1.0
+    in validation but 0.29 in test: the checkpoint was chosen on a BLEU it was not tested on.
+    """
+    ids = list(OLD_NORMALISER_PREDICTIONS)
+    metric = CaptionBLEU()
+    metric.update([OLD_NORMALISER_PREDICTIONS[i] for i in ids], [PTB_REFERENCES[i] for i in ids], ids)
+    test_scores = coco_caption_scores(OLD_NORMALISER_PREDICTIONS, PTB_REFERENCES, meteor=False)
+    assert _metric_bleu(metric) == pytest.approx([test_scores[key] for key in BLEU_KEYS], abs=1e-9)
+    assert test_scores["bleu4"] < 0.5  # the predictions really miss the references' words
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric CaptionBLEU was called before")

@@ -111,6 +111,24 @@ def test_without_java_uses_normaliser_and_skips_meteor(monkeypatch: pytest.Monke
         assert "meteor" not in coco_caption_scores(GOOD, REFERENCES, meteor=False)
 
 
+@needs_java
+def test_without_java_the_scores_equal_the_ptb_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10, finding 2: without Java the test metrics tokenise like the PTB tokenizer, so the scores agree.
+
+    The old fallback split "t-shirt", "2.5" and "1,000" and dropped accented letters.
+    """
+    references: dict[Any, list[str]] = {
+        1: ["A man in a black-and-white t-shirt holds an x-ray.", "A man's T-shirt (black & white)."],
+        2: ["A caf\u00e9 cr\u00e8me and a pi\u00f1ata in Z\u00fcrich.", "Two dogs, 1,000 birds and 3.5 cats at 10am."],
+        3: ["The dog doesn\u2019t like the kids\u2019 toys...", '\u201cStop!" says a 2.5-meter sign \U0001f6d1'],
+    }
+    predictions = {1: "a man in a black and white t shirt", 2: "a cafe creme and 1 000 birds", 3: "a 2.5-meter sign"}
+    with_java = coco_caption_scores(predictions, references, meteor=False)
+    monkeypatch.setattr(coco_eval, "java_available", lambda: False)
+    without_java = coco_caption_scores(predictions, references, meteor=False)
+    assert without_java == pytest.approx(with_java, abs=1e-12)
+
+
 def test_meteor_failure_warns_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
     closed: list[bool] = []
 

@@ -1,7 +1,10 @@
 """Corpus BLEU-1..4 as a torchmetrics ``Metric`` that is exact under DDP.
 
 The numbers equal pycocoevalcap's ``Bleu(4).compute_score`` (reference-length option ``"closest"``, the same
-smoothing constants, float64) on captions normalised by :func:`datamodules.text.caption_tokens`.
+smoothing constants, float64) on captions tokenised as the test metrics tokenise them: PTB tokens from
+:func:`datamodules.text.normalize_caption` (which reproduces pycocoevalcap's PTB tokenizer and punctuation filter),
+split on whitespace as pycocoevalcap's ``BleuScorer`` splits them. So the BLEU that picks the checkpoint is the BLEU it
+is tested on.
 
 Exactness under DDP comes from keeping *per-image sufficient statistics* (clipped n-gram matches, n-gram totals,
 hypothesis length, closest reference length) keyed by a process-independent 64-bit image key. ``compute`` gathers
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from datamodules.errors import RobucapError
-from datamodules.text import caption_tokens
+from datamodules.text import normalize_caption
 from modules.metrics.per_image import PerImageMetric
 
 __all__ = ["BLEU_KEYS", "CaptionBLEU", "bleu_statistics", "image_key", "sentence_bleu"]
@@ -81,6 +84,15 @@ def image_key(image_id: int | str | Any) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def _bleu_words(text: str) -> list[str]:
+    """The words BLEU counts: the PTB tokens, split on whitespace like ``BleuScorer`` does.
+
+    The split matters for the few PTB tokens that hold a no-break space (``"2 1/2"`` becomes one token ``"2\\xa01/2"``;
+    pycocoevalcap's ``str.split`` counts it as two words).
+    """
+    return normalize_caption(text).split()
+
+
 def _ngram_counts(tokens: Sequence[str], n_max: int = MAX_N) -> Counter[tuple[str, ...]]:
     counts: Counter[tuple[str, ...]] = Counter()
     for n in range(1, n_max + 1):
@@ -93,7 +105,7 @@ def bleu_statistics(pred: str, references: Sequence[str]) -> list[int]:
     """BLEU sufficient statistics of one caption against all references of its image.
 
     Args:
-        pred: The predicted caption (raw; normalised here with :func:`caption_tokens`).
+        pred: The predicted caption (raw; tokenised here like the test metrics do).
         references: All reference captions of the image (raw), at least one.
 
     Returns:
@@ -106,12 +118,12 @@ def bleu_statistics(pred: str, references: Sequence[str]) -> list[int]:
     """
     if isinstance(references, str) or len(references) == 0:
         raise RobucapError("references: expected a non-empty list of reference captions for each image")
-    hyp = caption_tokens(pred)
+    hyp = _bleu_words(pred)
     hyp_counts = _ngram_counts(hyp)
     max_ref_counts: dict[tuple[str, ...], int] = {}
     ref_lens: list[int] = []
     for ref in references:
-        ref_tokens = caption_tokens(ref)
+        ref_tokens = _bleu_words(ref)
         ref_lens.append(len(ref_tokens))
         for ngram, count in _ngram_counts(ref_tokens).items():
             if count > max_ref_counts.get(ngram, 0):

@@ -2,8 +2,8 @@
 
 Captions go through pycocoevalcap's Stanford PTB tokenizer (Java) and punctuation filter, exactly as
 ``COCOEvalCap`` does, then through its scorers. Without Java the captions are tokenised with
-:func:`datamodules.text.caption_tokens` (the same lower-case, PTB-style, punctuation-free form) and METEOR, which
-is a Java program, is skipped with a warning.
+:func:`datamodules.text.caption_tokens`, robucap's reproduction of that tokenizer and filter (the tokenisation of
+training and validation too), and METEOR, which is a Java program, is skipped with a warning.
 
 Call it once on the full, de-duplicated set (see :func:`modules.metrics.gather.gather_unique` under DDP).
 """

@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt-path", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    sys.argv = sys.argv[:1]  # LightningCLI warns when it gets both args and command-line arguments
     from lightning_app.cli import main as robucap
 
     return robucap(fit_args(args.shapes_root, args.out, args.adversarial, args.kill_at_step, args.ckpt_path))
