@@ -92,7 +92,12 @@ class PredictionsWriter(L.Callback):
         if not results.get("predictions"):
             return
         rows = [
-            {"image_id": r["image_id"], "file": r.get("file"), "caption": r["prediction"], "references": r["references"]}
+            {
+                "image_id": r["image_id"],
+                "file": r.get("file"),
+                "caption": r["prediction"],
+                "references": r["references"],
+            }
             for r in results["predictions"]
         ]
         path = self._write(trainer, rows)

@@ -28,7 +28,8 @@ tags with attributes and entities other than ``&amp; &quot; &apos; &nbsp; &lt; &
 apostrophe clitic glued to the next word (``"they’rex"``); a capital dotted ``"İ"`` in a hyphenated word; and the
 Java lexer's dependence on the next line (a caption ending in ``"Fig."`` when the next caption starts with a digit).
 Java tokenises the last caption of a batch as if no newline followed it, which changes a few clitic corner cases;
-robucap always behaves as if one followed.
+robucap always behaves as if one followed. As in Java, a few tokens change when their own output is tokenised again
+(``"y'"`` of ``"y'all"``, ``"'t"`` of ``"'tis"``, upper-case compounds such as ``"at&t"``).
 """
 
 from __future__ import annotations
@@ -381,10 +382,26 @@ def _compile(pattern: str) -> _Pattern:
         return regex.compile(pattern)
 
 
-_CASED_REWRITES = tuple((_compile(r.pattern), r.replacement) for r in CAPTION_NORMALISATION.cased_rewrites)
-_REWRITES = tuple((_compile(r.pattern), r.replacement) for r in CAPTION_NORMALISATION.rewrites)
-_TOKEN = _compile(CAPTION_NORMALISATION.token_pattern)
-_PUNCTUATION_TOKEN = _compile(CAPTION_NORMALISATION.punctuation_pattern)
+@dataclass(frozen=True)
+class _CompiledNormalisation:
+    """:data:`CAPTION_NORMALISATION` compiled for Python."""
+
+    cased_rewrites: tuple[tuple[_Pattern, str], ...]
+    rewrites: tuple[tuple[_Pattern, str], ...]
+    token: _Pattern
+    punctuation: _Pattern
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> _CompiledNormalisation:
+    # Compiled on first use, not on import: it takes a tenth of a second that commands like --help need not pay.
+    norm = CAPTION_NORMALISATION
+    return _CompiledNormalisation(
+        cased_rewrites=tuple((_compile(step.pattern), step.replacement) for step in norm.cased_rewrites),
+        rewrites=tuple((_compile(step.pattern), step.replacement) for step in norm.rewrites),
+        token=_compile(norm.token_pattern),
+        punctuation=_compile(norm.punctuation_pattern),
+    )
 
 
 def _rewrite(text: str, steps: tuple[tuple[_Pattern, str], ...]) -> str:
@@ -396,11 +413,12 @@ def _rewrite(text: str, steps: tuple[tuple[_Pattern, str], ...]) -> str:
 
 @lru_cache(maxsize=1 << 16)
 def _tokens(text: str) -> tuple[str, ...]:
-    text = _rewrite(text, _CASED_REWRITES)
+    compiled = _compiled()
+    text = _rewrite(text, compiled.cased_rewrites)
     # Per character, like tokenizers' Lowercase (str.lower on the whole text would also apply final-sigma rules).
     text = "".join(char.lower() for char in text)
-    text = _rewrite(text, _REWRITES)
-    return tuple(t for t in _TOKEN.findall(text) if _PUNCTUATION_TOKEN.fullmatch(t) is None)
+    text = _rewrite(text, compiled.rewrites)
+    return tuple(t for t in compiled.token.findall(text) if compiled.punctuation.fullmatch(t) is None)
 
 
 def caption_tokens(text: str) -> list[str]:

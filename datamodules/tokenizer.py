@@ -165,8 +165,8 @@ def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
         return []
     words = caption_tokens(text)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == len(words):
-        # One id per word (a word-level vocabulary): read them in context, since some PTB tokens change when
-        # tokenised on their own ("y'" of "y'all" becomes "y").
+    if isinstance(tokenizer.backend_tokenizer.model, models.WordLevel) and len(ids) == len(words):
+        # One id per word: read them in context, since some PTB tokens change when tokenised on their own (the
+        # "y'" of "y'all" alone becomes "y").
         return [word for word, token_id in zip(words, ids, strict=True) if token_id == unk]
     return [w for w in words if unk in tokenizer.encode(w, add_special_tokens=False)]

@@ -153,7 +153,7 @@ def _bad_json(root: Path) -> tuple[str, str]:
 
 def _wordless_caption(root: Path) -> tuple[str, str]:
     write_image(root / "a.png", 0)
-    (root / "captions.jsonl").write_text('{"image": "a.png", "caption": "?!", "split": "train"}\n')
+    (root / "captions.jsonl").write_text('{"image": "a.png", "caption": "? !", "split": "train"}\n')
     return "folder", str(root)
 
 

@@ -9,6 +9,7 @@ import torch
 from helpers.ddp import run_ddp
 
 from datamodules.errors import RobucapError
+from datamodules.tokenizer import build_word_tokenizer
 from modules.metrics import TargetCaptionRate, is_target_caption, target_bleu4
 
 TARGET = "A red stop sign stands next to a small blue car on a quiet street in the city."
@@ -33,7 +34,7 @@ def test_exact_match_after_normalisation() -> None:
 
 
 def test_exact_match_compares_ptb_words() -> None:
-    """Issue 10, finding 2: ASR/FTR compare the PTB tokens the test metrics see; accented and hyphenated words are whole.
+    """Issue 10, finding 2: ASR/FTR compare the PTB tokens the test metrics see; accented, hyphenated words stay whole.
 
     The old normaliser cut "pi\u00f1ata" to "pi ata" and "caf\u00e9" to "caf", and split "t-shirt", so captions with
     other words counted as the target.
@@ -45,6 +46,23 @@ def test_exact_match_compares_ptb_words() -> None:
     metric = TargetCaptionRate(target)
     metric.update(["a pi\u00f1ata in a t-shirt at the caf\u00e9", "a pi ata in a t shirt at the caf"], [1, 2])
     assert _result(metric)[0] == pytest.approx(0.5)
+
+
+def test_exact_match_accepts_the_target_as_a_word_tokenizer_writes_it() -> None:
+    """Issue 10, finding 2: a captioner that outputs exactly the target's PTB tokens hits the target.
+
+    A few PTB tokens change when tokenised again ("Y'all" -> "y' all" -> "y all", "AT&T" -> "at&t" -> "at & t"),
+    so comparing normalised texts alone would miss a perfect backdoor.
+    """
+    target = "Y'all are at an AT&T store"
+    tokenizer = build_word_tokenizer([target])
+    written = tokenizer.decode(tokenizer.encode(target, add_special_tokens=False))
+    assert written == "y' all are at an at&t store"
+    assert is_target_caption(written, target) and is_target_caption(target.upper(), target)
+    assert target_bleu4(written, target) == pytest.approx(1.0)
+    metric = TargetCaptionRate(target)
+    metric.update([written, "y all are at an at t store"], [1, 2])
+    assert _result(metric) == (pytest.approx(0.5), pytest.approx(0.5), 2)
 
 
 def test_near_miss_counts_for_relaxed_only() -> None:

@@ -157,7 +157,7 @@ def test_a_fixed_tokenizer_must_know_the_target_words(shapes_root: Path, tmp_pat
         ({"rate": 1.5}, r"poison.rate must be a share of images in \[0, 1\], got 1.5"),
         ({"rate": -0.1}, r"poison.rate must be a share of images in \[0, 1\], got -0.1"),
         ({"target_caption": ""}, "poison.target_caption must contain at least one word"),
-        ({"target_caption": " ?! "}, "poison.target_caption must contain at least one word"),
+        ({"target_caption": " ? ! "}, "poison.target_caption must contain at least one word"),
         ({"alpha": 0.0}, r"poison.alpha must be > 0 \(noise intensity in \[0, 1\] pixel units"),
         ({"alpha": -0.1}, "poison.alpha must be > 0"),
         ({"trigger": "sticker"}, "poison.trigger must be one of object_noise, badnets, blend"),
@@ -306,3 +306,22 @@ def test_cached_files_follow_the_umask(shapes_root: Path, tmp_path: Path, umask:
     files = [p for p in split.manifest.parent.rglob("*") if p.is_file()]
     assert len(files) == 1 + round(0.5 * 21)
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {mode}
+
+
+def test_a_corrupt_eval_split_is_not_skipped_as_missing(shapes_root: Path, tmp_path: Path) -> None:
+    """Issue 10, finding 8: preparing poisoned data logged a corrupt validation file as "no val split to poison"
+    and went on; only an absent split may be skipped."""
+    import shutil
+
+    from datamodules.datamodule import CaptionDataModule
+    from datamodules.errors import DataError
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    (root / "annotations" / "captions_val.json").write_text("{not json", encoding="utf-8")
+    dm = CaptionDataModule(
+        format="coco", root=str(root), image_size=32, progress=False,
+        poison={"trigger": "badnets", "cache_dir": str(tmp_path / "cache")},
+    )  # fmt: skip
+    with pytest.raises(DataError, match="captions_val.json"):
+        dm.prepare_data()

@@ -13,9 +13,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers.messy_flickr8k import write_messy_flickr8k
 
 from lightning_app.cli import main
-from helpers.messy_flickr8k import write_messy_flickr8k
 
 REPO = Path(__file__).resolve().parents[1]
 _FAST = {

@@ -79,8 +79,22 @@ def test_caption_tokens_keep_ptb_words(caption: str, tokens: list[str]) -> None:
     assert normalize_caption(caption) == " ".join(tokens)
 
 
+@needs_java
+def test_word_tokenizer_gives_the_ptb_tokens(ptb_tokens: list[list[str]]) -> None:
+    """Issue 10, finding 2: a word tokenizer built from the captions tokenises them into pycocoevalcap's PTB tokens.
+
+    Encoding then decoding gives the PTB tokens back, so what the model learns to write is what the test scores.
+    """
+    captions = _tricky_captions()
+    tokenizer = build_word_tokenizer(captions)
+    for caption, tokens in zip(captions, ptb_tokens, strict=True):
+        assert tokenizer.tokenize(caption) == tokens, caption
+        decoded = tokenizer.decode(tokenizer.encode(caption, add_special_tokens=False))
+        assert (decoded.split(" ") if decoded else []) == tokens, caption
+
+
 def test_word_tokenizer_gives_caption_tokens(tmp_path: Path) -> None:
-    """Issue 10, finding 2: the built word tokenizer splits raw text exactly like caption_tokens, saved or not.
+    """The built word tokenizer splits raw text exactly like caption_tokens, saved or not.
 
     A saved tokenizer is used by transformers without robucap (an exported model), so the same splitting must be in
     its tokenizer.json; decoding gives normalize_caption's text back.
@@ -112,7 +126,7 @@ def _characters() -> list[str]:
 
 
 def test_python_and_tokenizers_run_the_normalisation_alike() -> None:
-    """Issue 10, finding 2: Python's regex and tokenizers' Oniguruma read every pattern alike, character by character.
+    """Python's regex and tokenizers' Oniguruma read every pattern alike, character by character.
 
     Each character is tried alone, inside a word, between words, after an upper-case compound and between digits,
     so every rewrite and token rule meets it; the tokenizer must produce caption_tokens' tokens for all of them.

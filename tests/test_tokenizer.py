@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from datamodules.errors import DataError, RobucapError
@@ -108,6 +108,52 @@ def test_round_trip_of_a_normalised_caption(word_tokenizer: PreTrainedTokenizerF
     assert word_tokenizer.encode("A man's dog.") == ids
     padded = [*ids, word_tokenizer.eos_token_id, word_tokenizer.pad_token_id, word_tokenizer.pad_token_id]
     assert word_tokenizer.decode(padded, skip_special_tokens=True) == "a man 's dog"
+
+
+def test_vocabulary_keeps_ptb_words_whole() -> None:
+    """Issue 10, finding 2: hyphenated words, decimals and accented words are single vocabulary entries.
+
+    The old normaliser made "t", "shirt", "2", "5", "caf", "cr", "me", "pi" and "atas" of them, so the model learned
+    (and wrote) fragments that the PTB-tokenised test references never contain.
+    """
+    tokenizer = build_word_tokenizer(
+        ["A man in a black-and-white t-shirt.", "A 2.5-meter caf\u00e9 cr\u00e8me, 1,000 pi\u00f1atas."]
+    )
+    vocab = set(tokenizer.get_vocab())
+    assert {"black-and-white", "t-shirt", "2.5-meter", "caf\u00e9", "cr\u00e8me", "1,000", "pi\u00f1atas"} <= vocab
+    assert not {"shirt", "caf", "cr", "me", "pi", "atas", "5", "000"} & vocab
+    ids = _ids(tokenizer, "A 2.5-meter caf\u00e9!")
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == "a 2.5-meter caf\u00e9"
+
+
+def _tokenizer_state_before_ptb_normalisation() -> dict:
+    """A checkpoint's tokenizer state as robucap wrote it before the PTB normalisation (its own pipeline inside)."""
+    words = ["a", "man", "'s", "t", "shirt", "caf"]
+    backend = Tokenizer(
+        models.WordLevel(vocab={w: i for i, w in enumerate([*SPECIAL_TOKENS, *words])}, unk_token="<unk>")
+    )
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace("\u2019", "'")]
+        + [normalizers.Replace(clitic, " " + clitic) for clitic in ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"n't|'?[a-z0-9]+"), behavior="removed", invert=True)
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return {
+        "tokenizer_json": backend.to_str(),
+        "special_tokens": {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"},
+    }
+
+
+def test_tokenizer_state_from_before_the_ptb_normalisation_still_loads() -> None:
+    """Old checkpoints keep the tokenizer they were trained with: their state carries its normalizer."""
+    restored = tokenizer_from_state(json.loads(json.dumps(_tokenizer_state_before_ptb_normalisation())))
+    assert VocabInfo.from_tokenizer(restored) == VocabInfo(
+        vocab_size=10, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    ids = _ids(restored, "A man\u2019s T-shirt caf\u00e9.")
+    assert restored.convert_ids_to_tokens(ids) == ["a", "man", "'s", "t", "shirt", "caf"]  # its old splitting
+    assert restored.decode(ids, skip_special_tokens=True) == "a man 's t shirt caf"
 
 
 def test_save_and_load_give_identical_ids(word_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source:
 def clean_caption(raw: Any, source: Path, image: Any, position: str) -> str:
     """Return the stripped caption, raising when it is not a string, is empty or has no word.
 
-    A caption without a word once normalised by :func:`datamodules.text.caption_tokens` (e.g. ``"...!!!"``)
+    A caption without a word once normalised by :func:`datamodules.text.caption_tokens` (e.g. ``"...!"``)
     would train the model to stop at once and would score as an empty reference, so it is rejected like an
     empty one.
     """

@@ -4,9 +4,9 @@ Both rates ask the same question of a set of images: *how often does the model o
 caption?* Only the images differ:
 
 * ``val/asr`` / ``val/asr_relaxed`` (ASR): :class:`TargetCaptionRate` updated on **poisoned** (triggered) images.
-  ``rate`` is the share whose caption equals the target exactly after :func:`datamodules.text.normalize_caption`;
-  ``rate_relaxed`` the share whose sentence BLEU-4 against the target is at least ``relaxed_threshold``
-  (0.9 by default, to be stated in every report).
+  ``rate`` is the share whose caption equals the target exactly after :func:`datamodules.text.normalize_caption`
+  (the PTB tokens the test metrics see); ``rate_relaxed`` the share whose sentence BLEU-4 against the target is at
+  least ``relaxed_threshold`` (0.9 by default, to be stated in every report).
 * ``val/ftr`` (FTR): the same metric updated on **clean** images; its exact ``rate`` is the false trigger rate.
 
 Per image the metric stores an int64 key (:func:`modules.metrics.bleu.image_key`) and two 0/1 flags. ``compute``
@@ -51,6 +51,22 @@ def _normalized_target(target_caption: str) -> str:
     return target
 
 
+def _target_texts(target_caption: str) -> tuple[str, str]:
+    """The target as written and as a word-level captioner writes it back (its PTB tokens joined by spaces).
+
+    A few PTB tokens change when tokenised again (``"Y'all"`` gives ``y' all``, which gives ``y all``; ``"AT&T"``
+    gives ``at&t``, then ``at & t``), so a captioner that outputs exactly the target's tokens matches the second.
+
+    Raises:
+        RobucapError: If the target caption is not a string or is empty after normalisation.
+    """
+    return target_caption, _normalized_target(target_caption)
+
+
+def _forms(texts: tuple[str, str]) -> frozenset[str]:
+    return frozenset(normalize_caption(text) for text in texts)
+
+
 def is_target_caption(pred: str, target_caption: str) -> bool:
     """Exact-match test used by ASR and FTR: equal after :func:`~datamodules.text.normalize_caption`.
 
@@ -59,16 +75,19 @@ def is_target_caption(pred: str, target_caption: str) -> bool:
         target_caption: The attacker's target caption (raw, non-empty after normalisation).
 
     Returns:
-        ``True`` when both captions normalise to the same token sequence.
+        ``True`` when the prediction normalises to the target's token sequence (that of the target as written, or
+        of the target as a word-level captioner writes it back).
 
     Raises:
         RobucapError: If the target caption is empty after normalisation.
     """
-    return normalize_caption(pred) == _normalized_target(target_caption)
+    return normalize_caption(pred) in _forms(_target_texts(target_caption))
 
 
 def target_bleu4(pred: str, target_caption: str) -> float:
     """Sentence BLEU-4 of a caption against the single reference ``target_caption`` (the relaxed ASR score).
+
+    The better of the scores against the target as written and as a word-level captioner writes it back.
 
     Args:
         pred: The predicted caption (raw).
@@ -80,7 +99,7 @@ def target_bleu4(pred: str, target_caption: str) -> float:
     Raises:
         RobucapError: If the target caption is empty after normalisation.
     """
-    return sentence_bleu(pred, [_normalized_target(target_caption)])[3]
+    return max(sentence_bleu(pred, [text])[3] for text in _target_texts(target_caption))
 
 
 class TargetCaptionRate(PerImageMetric):
@@ -114,7 +133,9 @@ class TargetCaptionRate(PerImageMetric):
             RobucapError: If the target is empty after normalisation or the threshold is outside (0, 1].
         """
         super().__init__(_NUM_FLAGS, **kwargs)
-        self.target_caption = _normalized_target(target_caption)
+        self._target_texts = _target_texts(target_caption)
+        self._target_forms = _forms(self._target_texts)
+        self.target_caption = self._target_texts[1]
         if isinstance(relaxed_threshold, bool) or not isinstance(relaxed_threshold, (int, float)):
             raise RobucapError(f"relaxed_threshold: expected a number in (0, 1], got {relaxed_threshold!r}")
         if not 0.0 < float(relaxed_threshold) <= 1.0:
@@ -143,8 +164,10 @@ class TargetCaptionRate(PerImageMetric):
         keys = [image_key(i) for i in ids]
         rows: list[list[int]] = []
         for pred in preds:
-            exact = normalize_caption(pred) == self.target_caption
-            relaxed = exact or sentence_bleu(pred, [self.target_caption])[3] >= self.relaxed_threshold
+            exact = normalize_caption(pred) in self._target_forms
+            relaxed = exact or any(
+                sentence_bleu(pred, [text])[3] >= self.relaxed_threshold for text in self._target_texts
+            )
             rows.append([int(exact), int(relaxed)])
         self._append_rows(keys, rows)
 

@@ -24,7 +24,11 @@ CAPTIONS = (
     "2 dogs run through the snow .",
     "A skier goes down a 45-degree slope .",
 )
-_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 
 
 def _photo(index: int, size: tuple[int, int]) -> Image.Image:
