@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from datamodules.errors import RobucapError
+from datamodules.formats.detect import detect_format
 
 __all__ = ["checkpoint_path", "data_options"]
 
@@ -22,26 +23,23 @@ def data_options(config: Path | None, data_root: str | None) -> dict[str, Any]:
     Args:
         config: A YAML file with a ``data:`` section (the data module's options, as for ``robucap fit``), or
             ``None`` to use ``data_root`` as a shapes dataset directory.
-        data_root: Overrides ``data.root`` of the config; without a config, the directory of a shapes dataset
-            (``robucap data shapes``), which must exist.
+        data_root: Overrides ``data.root`` of the config; without a config, a dataset directory whose format is
+            detected from its files (:func:`datamodules.formats.detect.detect_format`).
 
     Returns:
         The options, with ``tokenizer: None`` (the checkpoint's tokenizer is used instead).
 
     Raises:
         RobucapError: Neither input is given, the config is missing, not YAML or has no ``data:`` section, or (without
-            a config) the data directory does not exist.
+            a config) the data directory does not exist or its layout is unknown or ambiguous.
     """
     if config is None:
         if not data_root:
             raise RobucapError(
-                "no data: give --config (a YAML file with a data: section) or --data-root (a shapes data directory)"
+                "no data: give --config (a YAML file with a data: section) or --data-root (a dataset directory)"
             )
-        if not Path(data_root).is_dir():
-            raise RobucapError(
-                f"data directory {data_root} does not exist (expected a dataset written by robucap data)"
-            )
-        return {"format": "shapes", "root": str(data_root), "tokenizer": None}
+        # The layout its files show (Flickr8k, Karpathy, COCO, shapes, a captioned folder); one error otherwise.
+        return {"format": detect_format(data_root), "root": str(data_root), "tokenizer": None}
     if not config.is_file():
         raise RobucapError(f"config file {config} does not exist (expected a YAML file with a data: section)")
     try:

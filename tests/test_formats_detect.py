@@ -75,3 +75,16 @@ def test_missing_root(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x", encoding="utf-8")
     with pytest.raises(DataError, match="does not exist"):
         detect_format(tmp_path / "file")
+
+
+def test_bare_data_root_of_the_checkpoint_commands_is_detected(tmp_path: Path) -> None:
+    """Issue 10, finding 11: ``poison-scan`` / ``attack`` given only ``--data-root`` took any directory for shapes
+    data (a Flickr8k root failed on COCO's missing ``captions_test.json``); its layout is now detected."""
+    from lightning_app.inputs import data_options
+
+    write_flickr8k(tmp_path / "f8k", 2)
+    assert data_options(None, str(tmp_path / "f8k")) == {"format": "flickr8k", "root": str(tmp_path / "f8k"),
+                                                         "tokenizer": None}  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot tell the dataset format of .*: it has none of the files looked for"):
+        data_options(None, str(tmp_path / "empty"))
