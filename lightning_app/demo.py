@@ -284,12 +284,19 @@ def demo_main(argv: list[str]) -> int:
     """``robucap demo`` argument parsing."""
     parser = argparse.ArgumentParser(prog="robucap demo", description="Train, test and report on the shapes data.")
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--data", default="data/shapes", help="shapes data directory, created if missing")
+    parser.add_argument(
+        "--data", default=None,
+        help="shapes data directory, created if missing (default data/shapes; data/shapes_smoke, data/shapes_seedN for "
+        "the smoke profile or another seed, whose data differ: an existing dataset is never rewritten)",
+    )  # fmt: skip
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
     args = parser.parse_args(argv)
-    ctx = run_demo(Path(args.out), Path(args.data), args.profile, args.seed, wandb=not args.no_wandb)
+    data = args.data or "data/shapes" + ("_smoke" if args.profile == "smoke" else "") + (
+        f"_seed{args.seed}" if args.seed else ""
+    )
+    ctx = run_demo(Path(args.out), Path(data), args.profile, args.seed, wandb=not args.no_wandb)
     test = ctx.results.get("baseline", {}).get("test", {})
     bleu4, cider = test.get("bleu4", float("nan")), test.get("cider", float("nan"))
     backdoor = ""

@@ -177,3 +177,21 @@ def test_a_killed_generation_leaves_no_dataset_and_its_scratch_is_removed(tmp_pa
     generate_shapes(out, SMALL, progress=False)
     assert shapes_ready(out, SMALL)
     assert not leftover.exists() and live.is_dir()
+
+
+def test_studies_default_to_a_root_of_their_own_shapes_settings() -> None:
+    """Issue 10, finding 12: ``robucap study ... --profile smoke`` (48 training images) or the freeze study with
+    ``--seed 1`` used ``data/shapes`` by default, which regenerated (deleted) the demo's dataset; they now default to
+    a folder named after the settings that differ, so neither deletes nor hits the refusal."""
+    import argparse
+
+    from lightning_app.studies import default_data_root
+
+    def root(name: str, smoke: bool = False, seed: int | None = None, image_size: int = 64) -> str:
+        args = argparse.Namespace(name=name, data_format="shapes", seed=seed, image_size=image_size)
+        return default_data_root(args, {"n_train": 48} if smoke else {})
+
+    assert root("freeze") == root("backdoor", seed=2021) == root("transfer") == "data/shapes"
+    assert root("backdoor", smoke=True) == "data/shapes_smoke"
+    assert root("freeze", seed=1) == "data/shapes_seed1"
+    assert root("freeze", smoke=True, seed=2, image_size=32) == "data/shapes_smoke_seed2_32px"

@@ -22,7 +22,11 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output directory (results.json, report.html, logs)")
     parser.add_argument("--profile", default="full", help="full (default), quick or smoke")
     parser.add_argument("--data-format", default="shapes", help="dataset format (default: the built-in shapes)")
-    parser.add_argument("--data-root", default="data/shapes", help="dataset directory (shapes: created if missing)")
+    parser.add_argument(
+        "--data-root", default=None,
+        help="dataset directory (shapes: created if missing; default data/shapes, or data/shapes_<settings> for "
+        "shapes made with other settings, so a dataset made with other settings is never in the way)",
+    )  # fmt: skip
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=None, help="seed (freeze: 0, backdoor: 2021, transfer: 0)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
@@ -49,6 +53,8 @@ def study_main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shapes = {"n_train": 48, "n_val": 8, "n_test": 8} if args.profile == "smoke" else {}
+    if args.data_root is None:
+        args.data_root = default_data_root(args, shapes)
     report = Report(f"robucap study {args.name}")
     if args.name == "freeze":
         results, line = _freeze(args, out, shapes, report)
@@ -62,6 +68,22 @@ def study_main(argv: list[str]) -> int:
     report.write(out / "report.html")
     print(f"robucap study {args.name} done in {results['seconds']:.0f} s: {line}; report: {out / 'report.html'}")
     return 0
+
+
+def default_data_root(args: argparse.Namespace, shapes: dict[str, Any]) -> str:
+    """``data/shapes`` for the default shapes data, else a folder named after the settings that differ.
+
+    The shapes generator never rewrites a dataset made with other settings (it refuses), so a study whose profile,
+    seed or image size asks for other shapes data gets its own folder instead of an error about the shared one.
+    """
+    if args.data_format != "shapes":
+        raise RobucapError(f"--data-format {args.data_format} needs --data-root (the dataset directory)")
+    parts = ["smoke"] if shapes else []
+    if args.name == "freeze" and args.seed not in (None, 0):
+        parts.append(f"seed{args.seed}")  # the freeze study generates its data with its seed
+    if args.image_size != 64:
+        parts.append(f"{args.image_size}px")
+    return "data/shapes" + "".join(f"_{part}" for part in parts)
 
 
 def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
