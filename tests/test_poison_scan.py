@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,16 @@ def test_fit_then_scan(shapes_root: Path, tmp_path: Path, monkeypatch: pytest.Mo
 def test_scan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["poison-scan", "--ckpt", str(tmp_path / "no.ckpt"), "--config", "x.yaml", "--out", "o"]) == 2
     assert capsys.readouterr().err.strip() == f"robucap: error: checkpoint {tmp_path / 'no.ckpt'} does not exist"
+
+
+def test_ranking_auroc_equals_an_independent_computation() -> None:
+    """The ROC AUC is torchmetrics' (ties count half), checked against sklearn-free pair counting on random data."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 20, (200,), generator=generator).float()  # many ties on purpose
+    truth = torch.rand(200, generator=generator) < 0.3
+    pos, neg = scores[truth], scores[~truth]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    expected = float(wins) / (len(pos) * len(neg))
+    # torchmetrics integrates the ROC curve in float32: agreement to 1e-6, not to the last bit.
+    assert ranking_quality(scores, truth, k=10)["auroc"] == pytest.approx(expected, abs=1e-6)
+    assert math.isnan(ranking_quality(scores, torch.zeros(200, dtype=torch.bool), k=10)["auroc"])

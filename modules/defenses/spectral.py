@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.errors import RobucapError
 from modules.captioners.base import Captioner
@@ -105,12 +106,8 @@ def ranking_quality(scores: Tensor, is_poisoned: Tensor, k: int) -> dict[str, fl
     flagged[torch.argsort(scores, descending=True, stable=True)[:k]] = True
     hits = int((flagged & is_poisoned).sum())
     negatives = n - positives
-    if positives and negatives:
-        # Mann-Whitney U with average ranks for ties: P(score of a poisoned sample > score of a clean one).
-        ranks = _average_ranks(scores.double())
-        auroc = (float(ranks[is_poisoned].sum()) - positives * (positives + 1) / 2) / (positives * negatives)
-    else:
-        auroc = float("nan")
+    # torchmetrics counts ties as half a win (the Mann-Whitney U statistic); with one class only AUC is undefined.
+    auroc = float(binary_auroc(scores.double(), is_poisoned.long())) if positives and negatives else float("nan")
     return {
         "k": k,
         "precision": hits / k if k else 0.0,
@@ -119,18 +116,3 @@ def ranking_quality(scores: Tensor, is_poisoned: Tensor, k: int) -> dict[str, fl
         "n": n,
         "n_poisoned": positives,
     }
-
-
-def _average_ranks(values: Tensor) -> Tensor:
-    order = torch.argsort(values, stable=True)
-    sorted_values = values[order]
-    ranks = torch.empty_like(values)
-    start = 0
-    n = values.numel()
-    while start < n:
-        end = start
-        while end + 1 < n and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
