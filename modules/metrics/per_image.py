@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 class PerImageMetric(Metric):
@@ -43,14 +42,23 @@ class PerImageMetric(Metric):
         self.image_keys.append(torch.tensor(keys, dtype=torch.int64, device=self.device))
         self.rows.append(torch.tensor(rows, dtype=torch.int64, device=self.device).reshape(-1, self.num_columns))
 
-    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
-        # torchmetrics replaces an empty list state by a 1-D float tensor before gathering; a rank that saw no
-        # images would then send a tensor of the wrong dtype and rank to the others. Send a typed empty instead.
+    def sync(
+        self,
+        dist_sync_fn: Callable | None = None,
+        process_group: Any | None = None,
+        should_sync: bool = True,
+        distributed_available: Callable | None = None,
+    ) -> None:
+        """torchmetrics' public ``sync``, after giving an empty state its dtype and shape.
+
+        torchmetrics gathers an empty list state as a 1-D float tensor; a rank that saw no images would then send a
+        tensor of the wrong dtype and rank to the others. A typed empty tensor reads the same as no rows.
+        """
         if isinstance(self.image_keys, list) and not self.image_keys:
             self.image_keys = [torch.zeros(0, dtype=torch.int64, device=self.device)]
         if isinstance(self.rows, list) and not self.rows:
             self.rows = [torch.zeros(0, self.num_columns, dtype=torch.int64, device=self.device)]
-        super()._sync_dist(dist_sync_fn, process_group=process_group)
+        super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
 
     def unique_rows(self) -> Tensor:
         """Rows of the unique images seen (first occurrence per key; all processes once synced).
