@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +25,7 @@ from modules.captioners import (
     ShowAttendTellCaptioner,
     build_captioner,
     caption_loss,
+    cnn_encoder,
 )
 from modules.captioning import CaptioningModule
 
@@ -236,24 +239,35 @@ def test_beam_search_with_one_beam_is_greedy(models: dict, batch: dict, kind: st
     model = models[kind]
     pixels = torch.cat([batch["pixel_values"], _images(4)])
     greedy = model.generate(pixels, max_new_tokens=10, num_beams=1)
-    beam, scores = model.beam_search(pixels, max_new_tokens=10, num_beams=1)
-    assert beam.tolist() == greedy.tolist()
-    assert torch.allclose(scores, _sequence_log_prob(model, pixels, greedy), atol=1e-4)
+    beam = model.beam_search(pixels, max_new_tokens=10, num_beams=1)
+    assert beam.sequences.tolist() == greedy.tolist()
+    assert torch.equal(beam.lengths, _caption_lengths(greedy, model.vocab.eos_token_id))
+    assert torch.allclose(beam.scores, _sequence_log_prob(model, pixels, greedy) / beam.lengths, atol=1e-5)
+
+
+def _caption_lengths(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """Generated tokens up to and including the first EOS (all of them if none). Shape: ``(B,)``."""
+    return _labels_of(tokens, eos).ne(-100).sum(1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_beam_search_scores_at_least_greedy(models: dict, batch: dict, kind: str) -> None:
-    """Beam scores are the true sequence log-probabilities, and on these images never below greedy's."""
+    """Beam scores are length-normalised log-probabilities (transformers' rule, length_penalty 1), and on these
+    images never below greedy's."""
     model = models[kind]
     pixels = torch.cat([batch["pixel_values"], _images(6)])
-    greedy = _sequence_log_prob(model, pixels, model.generate(pixels, max_new_tokens=10))
-    beam_tokens, beam_scores = model.beam_search(pixels, max_new_tokens=10, num_beams=4)
-    assert torch.allclose(beam_scores, _sequence_log_prob(model, pixels, beam_tokens), atol=1e-4)
-    assert (beam_scores >= greedy - 1e-4).all(), (beam_scores, greedy)
+    greedy_tokens = model.generate(pixels, max_new_tokens=10)
+    eos = model.vocab.eos_token_id
+    greedy = _sequence_log_prob(model, pixels, greedy_tokens) / _caption_lengths(greedy_tokens, eos)
+    beam = model.beam_search(pixels, max_new_tokens=10, num_beams=4)
+    assert torch.equal(beam.lengths, _caption_lengths(beam.sequences, eos))
+    expected = _sequence_log_prob(model, pixels, beam.sequences) / beam.lengths
+    assert torch.allclose(beam.scores, expected, atol=1e-5)
+    assert (beam.scores >= greedy - 1e-5).all(), (beam.scores, greedy)
     if kind == "partly_trained":
-        # An unsure decoder is where the beam finds better captions than greedy.
-        assert (beam_scores > greedy + 0.1).any(), (beam_scores, greedy)
-    assert torch.equal(model.generate(pixels, max_new_tokens=10, num_beams=4), beam_tokens)
+        # An unsure decoder is where the beam finds better captions than greedy (by 0.027 nats per word here).
+        assert (beam.scores > greedy + 0.02).any(), (beam.scores, greedy)
+    assert torch.equal(model.generate(pixels, max_new_tokens=10, num_beams=4), beam.sequences)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -445,6 +459,56 @@ def test_encoder_weights_errors(
     path, overrides = _encoder_weights_file(which, tmp_path, resnet18_files)
     with pytest.raises(RobucapError, match=message):
         build_captioner("show_attend_tell", vocab, IMAGE_SIZE, overrides=overrides, encoder_weights=path)
+
+
+def _unreadable_bytes(name: str) -> bytes:
+    """Bytes that are no state_dict file; the comment names what torch or safetensors raises reading them."""
+    if name == "truncated.pth":  # RuntimeError: a zip archive without its central directory
+        buffer = io.BytesIO()
+        torch.save({"w": torch.zeros(64)}, buffer)
+        return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    if name == "image.pth":  # UnpicklingError
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+        return buffer.getvalue()
+    return {
+        "empty.pth": b"",  # EOFError
+        "notes.pth": b"hello",  # KeyError
+        "config.pth": b"a: 1\nb: 2\n",  # IndexError
+        "garbage.safetensors": b"not a safetensors file",  # SafetensorError
+        "truncated.safetensors": (16).to_bytes(8, "little") + b'{"w": {',  # SafetensorError
+    }[name]
+
+
+UNREADABLE = ("truncated.pth", "image.pth", "empty.pth", "notes.pth", "config.pth", "garbage.safetensors")
+
+
+@pytest.mark.parametrize("name", [*UNREADABLE, "truncated.safetensors"])
+def test_encoder_weights_unreadable_files(vocab: VocabInfo, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(_unreadable_bytes(name))
+    message = rf"cannot read encoder_weights file \S*{re.escape(name)} as a torch\.save'd state_dict or a \.safetensors"
+    with pytest.raises(RobucapError, match=message):
+        build_captioner(
+            "show_attend_tell", vocab, IMAGE_SIZE, overrides={"backbone": "resnet18"}, encoder_weights=str(path)
+        )
+
+
+@pytest.mark.parametrize("name", ["weights.pth", "weights.safetensors"])
+def test_encoder_weights_loader_bug_is_not_bad_input(
+    vocab: VocabInfo, resnet18_files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug in the loading code")
+
+    monkeypatch.setattr(cnn_encoder.torch, "load", broken)
+    monkeypatch.setattr(cnn_encoder, "load_file", broken)
+    kind = "safetensors" if name.endswith(".safetensors") else "pth"
+    with pytest.raises(TypeError, match="a bug in the loading code"):
+        build_captioner(
+            "show_attend_tell", vocab, IMAGE_SIZE, overrides={"backbone": "resnet18"},
+            encoder_weights=str(resnet18_files[kind]),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ build errors

@@ -11,6 +11,14 @@ from torch import nn
 
 from datamodules.tokenizer import VocabInfo
 
+# What ``num_beams > 1`` means for every captioner: transformers' beam search with its default settings. A finished
+# caption scores (summed log-probabilities) / (generated tokens, EOS included) ** BEAM_LENGTH_PENALTY, and with
+# BEAM_EARLY_STOPPING False the search goes on while an open hypothesis could still beat the worst kept caption.
+# ViT-GPT2 passes these to ``generate`` (overriding a checkpoint's generation_config); Show-Attend-Tell's own search
+# (modules/captioners/beam_search.py) follows the same rule.
+BEAM_LENGTH_PENALTY: float = 1.0
+BEAM_EARLY_STOPPING: bool = False
+
 
 @dataclass
 class CaptionerOutput:
@@ -120,7 +128,7 @@ class Captioner(nn.Module, ABC):
         Args:
             pixel_values: Shape: ``(B, 3, H, W)`` in [0, 1].
             max_new_tokens: Longest caption in tokens, EOS included.
-            num_beams: Beam width.
+            num_beams: Beam width; beam search is length-normalised (:data:`BEAM_LENGTH_PENALTY`) as in transformers.
 
         Returns:
             Token ids without the start token, padded with ``vocab.pad_token_id`` after EOS. Shape: ``(B, T)``.

@@ -22,7 +22,16 @@ from torch import nn
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo
 from modules.captioners.attention_lstm import AttentionLSTMDecoder
-from modules.captioners.base import Captioner, CaptionerOutput, ImageNormalize, caption_loss, shift_right
+from modules.captioners.base import (
+    BEAM_EARLY_STOPPING,
+    BEAM_LENGTH_PENALTY,
+    Captioner,
+    CaptionerOutput,
+    ImageNormalize,
+    caption_loss,
+    shift_right,
+)
+from modules.captioners.beam_search import BeamSearchResult, DecoderState, beam_search
 from modules.captioners.cnn_encoder import (
     BACKBONES,
     TINY_BACKBONE,
@@ -142,7 +151,7 @@ class ShowAttendTellCaptioner(Captioner):
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> torch.Tensor:
         if num_beams == 1:
             return self.greedy_search(pixel_values, max_new_tokens)
-        return self.beam_search(pixel_values, max_new_tokens, num_beams)[0]
+        return self.beam_search(pixel_values, max_new_tokens, num_beams).sequences
 
     @torch.no_grad()
     def greedy_search(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
@@ -168,51 +177,43 @@ class ShowAttendTellCaptioner(Captioner):
 
     @torch.no_grad()
     def beam_search(
-        self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 3
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The caption of highest total log-probability found by a beam of ``num_beams`` hypotheses per image.
+        self,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int = 32,
+        num_beams: int = 3,
+        length_penalty: float = BEAM_LENGTH_PENALTY,
+        early_stopping: bool = BEAM_EARLY_STOPPING,
+    ) -> BeamSearchResult:
+        """Beam search as ViT-GPT2's transformers ``generate`` does it, so ``num_beams`` means the same for both.
 
-        Ended hypotheses stay in the beam with their score, extended by pad at no cost, so they compete with the
-        open ones; scores are not length-normalised. The search stops once the best hypothesis of every image has
-        ended (log-probabilities are <= 0, so no open hypothesis can overtake it) or after ``max_new_tokens``.
+        Finished captions score ``sum_logprobs / length ** length_penalty`` (length: generated tokens, EOS
+        included); see :mod:`modules.captioners.beam_search` for the stopping rule.
 
         Shape:
-            ``(B, 3, H, W)`` in; token ids ``(B, T)`` (no start token, pad after EOS) and their summed log-probabilities
-            ``(B,)`` out.
+            ``(B, 3, H, W)`` in; token ids ``(B, T)`` (no start token, pad after EOS), scores and lengths ``(B,)`` out.
         """
         if num_beams < 1:
             raise RobucapError(f"num_beams must be >= 1, got {num_beams}")
-        batch, k = pixel_values.shape[0], num_beams
-        features = self.encode(pixel_values).repeat_interleave(k, dim=0)
+        features = self.encode(pixel_values).repeat_interleave(num_beams, dim=0)
         projected = self.caption_decoder.attention.project(features)
-        state = self.caption_decoder.init_state(features)
-        device = features.device
-        tokens = torch.full((batch * k,), self.vocab.bos_token_id, dtype=torch.long, device=device)
-        # Only the first copy of each image's start is live, so step 1 does not fill the beam with duplicates.
-        scores = torch.full((batch, k), float("-inf"), device=device)
-        scores[:, 0] = 0.0
-        finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
-        sequences = torch.empty(batch, k, 0, dtype=torch.long, device=device)
-        offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
-        for _ in range(max_new_tokens):
-            logits, _, state = self.caption_decoder.step(features, projected, tokens, state)
-            log_probs = logits.float().log_softmax(dim=-1).view(batch, k, -1)
-            # An ended hypothesis has exactly one continuation, pad, which keeps its score.
-            ended = torch.full_like(log_probs[0, 0], float("-inf"))
-            ended[self.vocab.pad_token_id] = 0.0
-            log_probs = torch.where(finished.unsqueeze(2), ended, log_probs)
-            vocab_size = log_probs.shape[2]
-            scores, flat = (scores.unsqueeze(2) + log_probs).view(batch, -1).topk(k, dim=1)
-            parent, word = flat.div(vocab_size, rounding_mode="floor"), flat.remainder(vocab_size)
-            sequences = torch.cat([sequences.gather(1, parent.unsqueeze(2).expand_as(sequences)), word[..., None]], 2)
-            finished = finished.gather(1, parent) | word.eq(self.vocab.eos_token_id)
-            rows = (offsets + parent).flatten()
-            state = (state[0][rows], state[1][rows])
-            tokens = word.flatten()
-            # topk sorts: hypothesis 0 is each image's best.
-            if finished[:, 0].all():
-                break
-        return sequences[:, 0], scores[:, 0]
+
+        def step(tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+            # Hypotheses only move between the beams of one image, so features need no reordering.
+            logits, _, (h, c) = self.caption_decoder.step(features, projected, tokens, (state[0], state[1]))
+            return logits.float().log_softmax(dim=-1), (h, c)
+
+        return beam_search(
+            step,
+            self.caption_decoder.init_state(features),
+            batch_size=pixel_values.shape[0],
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            bos_token_id=self.vocab.bos_token_id,
+            eos_token_id=self.vocab.eos_token_id,
+            pad_token_id=self.vocab.pad_token_id,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
 
 
 def attention_penalty(attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

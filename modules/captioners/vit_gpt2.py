@@ -13,7 +13,15 @@ from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDe
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo
-from modules.captioners.base import Captioner, CaptionerOutput, ImageNormalize, caption_loss, shift_right
+from modules.captioners.base import (
+    BEAM_EARLY_STOPPING,
+    BEAM_LENGTH_PENALTY,
+    Captioner,
+    CaptionerOutput,
+    ImageNormalize,
+    caption_loss,
+    shift_right,
+)
 
 # ViT checkpoints (google/vit-*) are trained on inputs normalised with mean = std = 0.5.
 VIT_MEAN = (0.5, 0.5, 0.5)
@@ -118,6 +126,10 @@ class ViTGPT2Captioner(Captioner):
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=False,
+            # Explicit, so a checkpoint's generation_config cannot change what num_beams means (Show-Attend-Tell's
+            # beam search reads the same settings).
+            length_penalty=BEAM_LENGTH_PENALTY,
+            early_stopping=BEAM_EARLY_STOPPING,
             decoder_start_token_id=self.vocab.bos_token_id,
             eos_token_id=self.vocab.eos_token_id,
             pad_token_id=self.vocab.pad_token_id,
