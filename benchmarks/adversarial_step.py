@@ -1,4 +1,4 @@
-"""Adversarial-training step time relative to a clean step, all variants measured in one run (issue 3, item 7).
+"""Adversarial-training step time relative to a clean step, all variants measured in one run.
 
 Variants (``tiny`` preset, 64 px, batch 64 by default, FGSM/PGD budget 0.05):
 
@@ -28,7 +28,7 @@ ratios, with their interquartile range; warm-up rounds are excluded.
 
 Example::
 
-    .venv/bin/python benchmarks/adversarial_step.py --threads 1   # about 6 minutes on 2 shared CPU cores
+    .venv/bin/python -m benchmarks.adversarial_step --threads 1   # about 6 minutes on 2 shared CPU cores
 """
 
 from __future__ import annotations
@@ -36,13 +36,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import logging
 import statistics
-import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,21 +49,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_step import (  # noqa: E402
-    PrebuiltBatches,
-    build_batches,
-    build_module,
-    build_tokenizer,
+from benchmarks.harness import (
+    add_device_option,
+    add_threads_option,
     machine_info,
     quartiles,
+    quiet_lightning,
     sync_device,
     write_report,
 )
-
-from callbacks import AdversarialTraining, FreezeDecoder, FreezeEncoder  # noqa: E402
-from modules.captioning import CaptioningModule  # noqa: E402
+from benchmarks.synthetic import PrebuiltBatches, build_batches, build_module, build_tokenizer
+from callbacks import AdversarialTraining, FreezeDecoder, FreezeEncoder
+from modules.captioning import CaptioningModule
 
 DEFAULT_OUT = Path("benchmarks/results/adversarial_step.json")
 PRESET = "tiny"
@@ -496,13 +490,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per fit (default: 2)")
     parser.add_argument("--repeats", type=int, default=8, help="repetitions, each on fresh models (default: 8)")
     parser.add_argument("--pgd-steps", type=int, default=3, help="steps of the PGD variant (default: 3)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice); on a machine shared with other jobs, 1 avoids "
-        "erratic slow-downs of oversubscribed OpenMP threads",
-    )
+    add_device_option(parser)
+    add_threads_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     args = parser.parse_args(argv)
@@ -512,16 +501,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     return args
-
-
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -537,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _quiet()
+    quiet_lightning()
     machine = machine_info(device)
     tokenizer = build_tokenizer(args.seed)
     variants = build_variants(args.pgd_steps)

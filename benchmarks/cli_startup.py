@@ -1,4 +1,4 @@
-"""Seconds before ``robucap --help`` and ``robucap fit --help`` print (issue 10, finding 15; goal < 3 s warm).
+"""Seconds before ``robucap --help`` and ``robucap fit --help`` print (goal: under 3 s warm).
 
 Each command runs as a fresh process, as a user types it. ``fit --help`` is measured twice: *cold* (its help cache
 emptied before every run, so LightningCLI builds the parser: torch, Lightning and transformers imported) and *warm*
@@ -8,7 +8,7 @@ the cold / warm ratio. The cache lives in a temporary ``ROBUCAP_CACHE_DIR``, so 
 
 Example::
 
-    .venv/bin/python benchmarks/cli_startup.py --repeats 5
+    .venv/bin/python -m benchmarks.cli_startup --repeats 5
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from train_step import machine_info, write_report  # noqa: E402
+from benchmarks.harness import machine_info, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("benchmarks/results/cli_startup.json")

@@ -1,4 +1,4 @@
-"""Show-and-Fool seconds per image for 1000 iterations at batch 1 and batch 32: the batching speedup (issue 5).
+"""Show-and-Fool seconds per image for 1000 iterations at batch 1 and batch 32: the batching speedup.
 
 Each measurement is one round of the attack (``search_rounds=1``, ``abort_early=False``, so every image runs exactly
 ``--iterations`` Adam iterations) on random images towards fixed-length random target captions, with a freshly built
@@ -9,20 +9,20 @@ ratio ``(seconds per image at batch 1) / (seconds per image at batch B)``, so bo
 machine load. Seconds per image are scaled to 1000 iterations when ``--iterations`` is smaller (the cost is linear in
 iterations: every iteration is one forward and one backward pass).
 
-Paper 000 reports 38 s per image for 1000 iterations on a GTX 1080 Ti (Inception-v3 + LSTM, 299 px, batch 1).
+Show-and-Fool (Chen et al. 2018) reports 38 s per image for 1000 iterations on a GTX 1080 Ti (Inception-v3 + LSTM,
+299 px, batch 1).
 
 Example::
 
-    .venv/bin/python benchmarks/show_and_fool.py --threads 1                   # about 15 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/show_and_fool.py --iterations 100 --repeats 1  # about 2 minutes
-    .venv/bin/python benchmarks/show_and_fool.py --device cuda
+    .venv/bin/python -m benchmarks.show_and_fool --threads 1                   # about 15 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.show_and_fool --iterations 100 --repeats 1  # about 2 minutes
+    .venv/bin/python -m benchmarks.show_and_fool --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +30,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_step import build_tokenizer, machine_info, sync_device, write_report  # noqa: E402
-
-from modules.attacks.show_and_fool import ShowAndFool  # noqa: E402
-from modules.captioning import CaptioningModule  # noqa: E402
+from benchmarks.harness import add_device_option, machine_info, sync_device, write_report
+from benchmarks.synthetic import build_tokenizer
+from modules.attacks.show_and_fool import ShowAndFool
+from modules.captioning import CaptioningModule
 
 DEFAULT_OUT = Path("benchmarks/results/show_and_fool.json")
 ARCHS = ("vit_gpt2", "show_attend_tell")
@@ -107,7 +105,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-large", type=int, default=32, help="the batched side's batch size")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -23,7 +23,7 @@ Reported per preset, over several repetitions (fresh copies each time), warm-up 
 
 Example (``--threads 1`` on a CPU shared with other jobs, see ``--help``)::
 
-    .venv/bin/python benchmarks/train_step.py --presets tiny base --threads 1
+    .venv/bin/python -m benchmarks.train_step --presets tiny base --threads 1
 """
 
 from __future__ import annotations
@@ -31,17 +31,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import logging
-import os
-import platform
-import random
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,11 +41,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from datamodules.collate import CaptionCollator
-from datamodules.tokenizer import build_word_tokenizer
+from benchmarks.harness import (
+    add_device_option,
+    add_threads_option,
+    machine_info,
+    quartiles,
+    quiet_lightning,
+    sync_device,
+    write_report,
+)
+from benchmarks.synthetic import LABEL_TOKENS, PrebuiltBatches, build_batches, build_module, build_tokenizer
 from modules.captioning import CaptioningModule
 
 GOAL_RATIO = 1.05
@@ -63,109 +63,6 @@ IMAGE_SIZES = {"tiny": 64, "base": 224}
 DEFAULT_STEPS = {"tiny": 20, "base": 4}
 DEFAULT_WARMUP = {"tiny": 3, "base": 1}
 DEFAULT_REPEATS = {"tiny": 5, "base": 3}
-LABEL_TOKENS = 14  # longest label row, EOS included; shorter captions are padded with -100
-DISTINCT_BATCHES = 4  # the loops cycle through this many different batches
-
-# ~50 words: captions of 5 to 15 words, so labels are 6 to 14 tokens long with -100 padding.
-_COLORS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
-_THINGS = ("circle", "square", "triangle", "star", "dog", "cat", "car", "ball", "tree", "house", "bird", "boat")
-_PLACES = ("left", "right", "top", "bottom", "middle", "corner", "edge")
-_VERBS = ("sits", "lies", "stands", "floats", "rests")
-_LINKS = ("a", "the", "on", "of", "in", "near", "next", "to", "and", "with", "small", "large", "bright", "dark")
-
-
-def synthetic_captions(count: int, seed: int) -> list[str]:
-    """Deterministic captions over a vocabulary of about 50 words.
-
-    Args:
-        count: Number of captions.
-        seed: Seed of the word choices.
-
-    Returns:
-        Captions of 5 to 15 words.
-    """
-    rng = random.Random(seed)
-    captions = []
-    for _ in range(count):
-        words = ["a", rng.choice(_COLORS), rng.choice(_THINGS), rng.choice(_VERBS), "on", "the", rng.choice(_PLACES)]
-        extra = rng.randint(-2, 8)
-        if extra < 0:
-            words = words[:extra]
-        else:
-            words += [rng.choice(_LINKS + _COLORS + _THINGS) for _ in range(extra)]
-        captions.append(" ".join(words))
-    return captions
-
-
-def build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
-    """Word tokenizer over every word the synthetic captions can use (~50 words plus 4 special tokens)."""
-    every_word = " ".join(_COLORS + _THINGS + _PLACES + _VERBS + _LINKS)
-    return build_word_tokenizer([every_word, *synthetic_captions(64, seed)])
-
-
-def build_batches(
-    tokenizer: PreTrainedTokenizerFast, batch_size: int, image_size: int, seed: int, device: torch.device
-) -> list[dict[str, Any]]:
-    """Pre-collated synthetic batches in the batch-dict contract (``pixel_values``, ``input_ids``, ...).
-
-    Args:
-        tokenizer: Caption tokenizer.
-        batch_size: Images per batch.
-        image_size: Image side in pixels.
-        seed: Seed of images and captions.
-        device: Where the tensors are placed (identically for both loops).
-
-    Returns:
-        :data:`DISTINCT_BATCHES` batches with ``pixel_values`` uniform in [0, 1] and labels of up to
-        :data:`LABEL_TOKENS` tokens, -100 on padding.
-    """
-    collate = CaptionCollator(tokenizer, max_tokens=LABEL_TOKENS)
-    generator = torch.Generator().manual_seed(seed)
-    captions = synthetic_captions(DISTINCT_BATCHES * batch_size, seed + 1)
-    batches = []
-    for b in range(DISTINCT_BATCHES):
-        items = [
-            {
-                "pixel_values": torch.rand(3, image_size, image_size, generator=generator),
-                "caption": captions[b * batch_size + i],
-                "image_id": f"synthetic-{b}-{i}",
-            }
-            for i in range(batch_size)
-        ]
-        batch = collate(items)
-        batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    return batches
-
-
-class PrebuiltBatches(Dataset):
-    """Serves pre-collated batches (use with ``DataLoader(batch_size=None)``), cycling through them.
-
-    Args:
-        batches: Batch dicts.
-        length: Number of items (training steps) to serve.
-    """
-
-    def __init__(self, batches: Sequence[dict[str, Any]], length: int) -> None:
-        self.batches = batches
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.batches[index % len(self.batches)]
-
-
-def sync_device(device: torch.device) -> None:
-    """Wait for queued GPU work so wall-clock times cover it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def build_module(tokenizer: PreTrainedTokenizerFast, preset: str, image_size: int, seed: int) -> CaptioningModule:
-    """A randomly initialised module, the same for a given seed."""
-    torch.manual_seed(seed)
-    return CaptioningModule.with_tokenizer(tokenizer, preset=preset, image_size=image_size)
 
 
 def module_optimizers(module: CaptioningModule, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -366,14 +263,6 @@ def run_pair(
     return result
 
 
-def quartiles(values: Sequence[float]) -> list[float]:
-    """First and third quartiles (the value twice for a single sample)."""
-    if len(values) < 2:
-        return [values[0], values[0]]
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return [q1, q3]
-
-
 def bench_preset(
     tokenizer: PreTrainedTokenizerFast,
     preset: str,
@@ -457,30 +346,6 @@ def prime(tokenizer: PreTrainedTokenizerFast, device: torch.device, seed: int) -
     run_pair(template, build_batches(tokenizer, 2, 32, seed, device), 0, 1, device, seed)
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model, core count, library versions and the training device."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def format_table(machine: dict[str, Any], results: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the medians, headed by the machine and followed by a legend."""
     head = (
@@ -528,13 +393,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help=f"repetitions, each on fresh copies (default: {DEFAULT_REPEATS})")
     parser.add_argument("--batch-size-tiny", type=int, default=64)
     parser.add_argument("--batch-size-base", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice). On a machine shared with other jobs, 1 avoids the "
-        "large, erratic slow-downs of oversubscribed OpenMP threads",
-    )
+    add_device_option(parser)
+    add_threads_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     args = parser.parse_args(argv)
@@ -559,13 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    quiet_lightning()
     machine = machine_info(device)
     tokenizer = build_tokenizer(args.seed)
     batch_sizes = {"tiny": args.batch_size_tiny, "base": args.batch_size_base}
@@ -586,35 +440,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(format_table(machine, results))
     return write_report("train_step", argv, machine, results, args.out)
-
-
-def write_report(
-    name: str,
-    argv: Sequence[str] | None,
-    machine: dict[str, Any],
-    results: Any,
-    out: Path,
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write a benchmark's JSON report (with the command that reproduces it) and return it.
-
-    Args:
-        name: Benchmark name (its script is ``benchmarks/<name>.py``).
-        argv: The script's arguments (``None``: ``sys.argv[1:]``).
-        machine: :func:`machine_info`.
-        results: The measured rows.
-        out: Output file.
-        config: Settings shared by all rows, if any.
-    """
-    command = [".venv/bin/python", f"benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)]
-    report: dict[str, Any] = {"benchmark": name, "command": shlex.join(command), "machine": machine}
-    if config is not None:
-        report["config"] = config
-    report["results"] = results
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out}" + (f" ({config['wall_s']:.0f} s timed)" if config and "wall_s" in config else ""))
-    return report
 
 
 if __name__ == "__main__":

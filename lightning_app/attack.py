@@ -38,6 +38,7 @@ from modules.attacks import build_attack
 from modules.attacks.show_and_fool import ShowAndFool
 from modules.attacks.targets import choose_targets, keyword_ids, target_caption_ids
 from modules.captioning import CaptioningModule
+from modules.checkpoint import read_checkpoint_info
 from modules.evaluation import bleu_of, evaluation_loader
 from modules.metrics.targeted import FAILURE_SCORES
 from modules.targeted_eval import mode_keywords, run_show_and_fool
@@ -75,12 +76,10 @@ def _device(name: str) -> torch.device:
 
 def _load_module(path: str, device: torch.device) -> CaptioningModule:
     checkpoint = checkpoint_path(path)
-    try:
-        module = CaptioningModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    except RobucapError:
-        raise
-    except Exception as error:  # torch / Lightning raise many types for a corrupt or foreign file
-        raise RobucapError(f"cannot load checkpoint {checkpoint}: {error}") from error
+    # A missing, truncated, corrupt or foreign file is bad input, named in one line here; once the file is known to
+    # be a robucap checkpoint, an exception while building the model from it is a bug and keeps its traceback.
+    read_checkpoint_info(checkpoint)
+    module = CaptioningModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     # Eval mode: dropout would make clean captions, targets and success checks random.
     return module.to(device).eval()
 

@@ -1,7 +1,9 @@
 """``robucap demo --out DIR``: the main job on the embedded default (shapes data, tiny ViT-GPT2, CPU).
 
 The demo is a list of stages sharing one :class:`DemoContext`. Each stage adds keys to ``ctx.results`` and sections
-to ``ctx.report``; later capabilities (studies) plug in with :func:`register_stage`.
+to ``ctx.report``; later capabilities (studies) plug in with :func:`register_stage`. Each stage's outcome is recorded
+under ``stages`` in ``results.json``; a stage that fails stops the demo after what it has is written
+(:func:`lightning_app.stages.run_stages`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from transformers import PreTrainedTokenizerBase
 
 from datamodules.datamodule import CaptionDataModule
-from datamodules.errors import RobucapError
 from datamodules.shapes import ShapesConfig, generate_shapes, shapes_ready
 from lightning_app.report import Report
+from lightning_app.stages import StageRecord, run_stages
 from lightning_app.training import TrainedCaptioner, read_metrics, train_captioner
 from modules.captioning import CaptioningModule
 
@@ -51,6 +55,7 @@ class DemoContext:
         results: The future ``results.json``.
         report: The future ``report.html``.
         state: Objects stages hand to later stages (the data module, the baseline...).
+        stages: Each stage's outcome, in run order (``stages`` in ``results.json``).
     """
 
     out: Path
@@ -61,6 +66,7 @@ class DemoContext:
     results: dict[str, Any] = field(default_factory=dict)
     report: Report = field(default_factory=lambda: Report("robucap demo"))
     state: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -68,12 +74,13 @@ class DemoContext:
         return PROFILES[self.profile]
 
 
-DemoStage = Callable[[DemoContext], None]
+DemoStage = Callable[[DemoContext], "str | None"]
+"""A demo stage: returns ``None`` when it ran, or why it had nothing to do (recorded as ``skipped``)."""
 STAGES: list[tuple[str, DemoStage]] = []
 
 
 def register_stage(name: str, stage: DemoStage) -> None:
-    """Append a stage to the demo (stages run in registration order)."""
+    """Append a stage to the demo (stages run in registration order; a name registered again is moved last)."""
     STAGES[:] = [(n, s) for n, s in STAGES if n != name] + [(name, stage)]
 
 
@@ -201,46 +208,138 @@ def stage_backdoor_study(ctx: DemoContext) -> None:
 
 # Show-and-Fool settings per demo profile: the paper's 1000 iterations x 5 rounds take minutes per image batch on a
 # CPU, so the quick profile runs fewer (the full attack is `robucap attack show-and-fool`, see docs/attacks.md).
+# ``targets``: "paper" draws each image's target from another image's clean caption (Show-and-Fool, Chen et al.
+# 2018); the smoke baseline, trained for seconds, gives every image the same caption, so no image offers another a
+# target and the smoke profile attacks towards fixed targets taken from the reference captions instead.
 SHOW_AND_FOOL_PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"images": 16, "iterations": 300, "rounds": 3},
-    "full": {"images": 50, "iterations": 1000, "rounds": 5},
-    "smoke": {"images": 4, "iterations": 5, "rounds": 1},
+    "quick": {"images": 16, "iterations": 300, "rounds": 3, "targets": "paper"},
+    "full": {"images": 50, "iterations": 1000, "rounds": 5, "targets": "paper"},
+    "smoke": {"images": 4, "iterations": 5, "rounds": 1, "targets": "references"},
 }
+SHOW_AND_FOOL_MODES: tuple[str, ...] = ("caption", "keyword_1", "keyword_2", "keyword_3")
 
 
-def stage_show_and_fool(ctx: DemoContext) -> None:
-    """Paper 000's targeted caption and 1-3 keyword attacks on the demo's baseline (issue 5)."""
+@dataclass(frozen=True)
+class ModeTargets:
+    """How one Show-and-Fool mode of the demo gets its targets, decided before the attack runs.
+
+    Attributes:
+        options: Extra ``robucap attack show-and-fool`` options (``--target`` or ``--keywords``); empty for
+            paper-style targets.
+        skip: Why the mode cannot run (no image can be given a target), else ``None``.
+    """
+
+    options: list[str] = field(default_factory=list)
+    skip: str | None = None
+
+
+def mode_targets(
+    clean: list[str],
+    references: list[list[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    n_keywords: int,
+    source: str,
+    seed: int,
+) -> ModeTargets:
+    """The targets of one mode, checked against the baseline's clean captions of the attacked images.
+
+    Args:
+        clean: The baseline's greedy caption of each attacked image.
+        references: Each image's reference captions.
+        tokenizer: The baseline's tokenizer (a fixed target must be words it knows).
+        n_keywords: 0 for the targeted-caption mode, else the number of target keywords.
+        source: ``paper`` (another image's clean caption, as the attack chooses them) or ``references`` (one fixed
+            target from the reference captions, that some clean caption does not already meet).
+        seed: The attack's seed (paper-style targets are drawn with it).
+
+    Returns:
+        The options to pass, or why the mode has nothing to attack.
+    """
+    from datamodules.text import caption_tokens, normalize_caption
+    from datamodules.tokenizer import unknown_words
+    from modules.attacks.targets import content_words, paper_targets
+
+    what = "a different caption" if n_keywords == 0 else f"{n_keywords} new content words"
+    if source == "paper":
+        if any(t is not None for t in paper_targets(clean, n_keywords, seed)):
+            return ModeTargets()
+        return ModeTargets(skip=f"no image gets a paper-style target: no other image's clean caption offers {what}")
+    if source != "references":
+        raise ValueError(f"unknown Show-and-Fool target source {source!r}")
+    for own, refs in zip(clean, references, strict=True):
+        for ref in refs:
+            if unknown_words(tokenizer, ref):
+                continue
+            if n_keywords == 0:
+                if normalize_caption(ref) != normalize_caption(own):
+                    return ModeTargets(["--target", ref])
+                continue
+            own_words = set(caption_tokens(own))
+            fresh = [w for w in content_words(ref) if w not in own_words]
+            if len(fresh) >= n_keywords:
+                return ModeTargets(["--keywords", ",".join(fresh[:n_keywords])])
+    return ModeTargets(skip=f"no reference caption offers {what} that a clean caption lacks")
+
+
+def _clean_captions(ctx: DemoContext, n_images: int) -> tuple[list[str], list[list[str]]]:
+    """The baseline's greedy captions and the references of the first ``n_images`` test images (those attacked)."""
+    from modules.attacks.show_and_fool import ShowAndFool
+    from modules.evaluation import evaluation_loader
+    from modules.targeted_eval import greedy_captions
+
+    module = ctx.state["baseline"].module
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    batches = list(evaluation_loader(module, datamodule.eval_dataset("test"), n_images, n_images))
+    images = torch.cat([b["pixel_values"] for b in batches])
+    training = module.training
+    module.eval()  # as the attack captions them: dropout off
+    clean = greedy_captions(module, images, ShowAndFool().max_new_tokens)
+    module.train(training)
+    return clean, [list(r) for b in batches for r in b["references"]]
+
+
+def stage_show_and_fool(ctx: DemoContext) -> str | None:
+    """Show-and-Fool's (Chen et al. 2018) targeted caption and 1-3 keyword attacks on the demo's baseline."""
     from lightning_app.attack import attack_main
 
     base: TrainedCaptioner = ctx.state["baseline"]
     s = SHOW_AND_FOOL_PROFILES[ctx.profile]
+    clean, references = _clean_captions(ctx, s["images"])
     blocks: dict[str, Any] = {}
-    for mode in ("caption", "keyword_1", "keyword_2", "keyword_3"):
-        out = ctx.out / "show_and_fool" / mode
-        try:
-            attack_main(
-                ["show-and-fool", "--ckpt", str(base.checkpoint), "--data-root", str(ctx.data_root), "--images",
-                 str(s["images"]), "--modes", mode, "--iterations", str(s["iterations"]), "--rounds", str(s["rounds"]),
-                 "--seed", str(ctx.seed), "--out", str(out), "--no-meteor"]
-            )  # fmt: skip
-        except RobucapError as error:
-            # A barely trained baseline (smoke profile) may caption every image alike: no image offers a target.
-            blocks[mode] = {"success_rate": None, "mean_l2": None, "n": 0, "not_run": str(error)}
+    for n_keywords, mode in enumerate(SHOW_AND_FOOL_MODES):
+        targets = mode_targets(clean, references, base.module.tokenizer, n_keywords, s["targets"], ctx.seed)
+        if targets.skip is not None:
+            blocks[mode] = {"success_rate": None, "mean_l2": None, "n": 0, "skipped": targets.skip}
             continue
+        out = ctx.out / "show_and_fool" / mode
+        attack_main(
+            ["show-and-fool", "--ckpt", str(base.checkpoint), "--data-root", str(ctx.data_root), "--images",
+             str(s["images"]), "--modes", mode, "--iterations", str(s["iterations"]), "--rounds", str(s["rounds"]),
+             "--seed", str(ctx.seed), "--out", str(out), "--no-meteor", *targets.options]
+        )  # fmt: skip
         block = json.loads((out / "results.json").read_text(encoding="utf-8"))["show_and_fool"][mode]
         blocks[mode] = {k: v for k, v in block.items() if k not in ("records", "skipped")}
         blocks[mode]["report"] = str(out / "report.html")
+        if targets.options:
+            blocks[mode]["target"] = targets.options[1]
     ctx.results["show_and_fool"] = {**blocks, "settings": dict(s)}
-    ctx.report.heading("Show-and-Fool (paper 000) on the baseline")
+    ctx.report.heading("Show-and-Fool (Chen et al. 2018) on the baseline")
+    chosen = (
+        "each image's target is another image's clean caption (or content words of it), as in the paper"
+        if s["targets"] == "paper"
+        else "fixed targets from the reference captions (the barely trained baseline captions every image alike)"
+    )
     ctx.report.paragraph(
         f"{s['images']} test images, {s['iterations']} Adam iterations x {s['rounds']} rounds of the c search "
-        "(paper: 1000 x 5). Mean L2 over successes, in [0, 1] pixel units. Examples and failure statistics: the "
-        f"reports under {ctx.out / 'show_and_fool'}."
+        f"(paper: 1000 x 5); {chosen}. Mean L2 over successes, in [0, 1] pixel units. Examples and failure "
+        f"statistics: the reports under {ctx.out / 'show_and_fool'}."
     )
     ctx.report.table(
-        ["mode", "success rate", "mean L2", "n"],
-        [[m, b["success_rate"], b["mean_l2"], b["n"]] for m, b in blocks.items()],
+        ["mode", "success rate", "mean L2", "n", "not run because"],
+        [[m, b["success_rate"], b["mean_l2"], b["n"], b.get("skipped", "")] for m, b in blocks.items()],
     )
+    skipped = [f"{m}: {b['skipped']}" for m, b in blocks.items() if "skipped" in b]
+    return "; ".join(skipped) if len(skipped) == len(blocks) else None
 
 
 def stage_transfer_study(ctx: DemoContext) -> None:
@@ -265,19 +364,43 @@ register_stage("transfer_study", stage_transfer_study)
 
 
 def run_demo(out: Path, data_root: Path, profile: str = "quick", seed: int = 0, wandb: bool = True) -> DemoContext:
-    """Run every registered stage, then write ``results.json`` and ``report.html`` into ``out``."""
+    """Run every registered stage, then write ``results.json`` and ``report.html`` into ``out``.
+
+    Raises:
+        RobucapError: A stage failed on bad input (``demo stage '<name>' failed: ...``), after the results of the
+            stages before it were written.
+        Exception: Any other exception of a stage, unchanged, after the same writing.
+    """
     ctx = DemoContext(out=Path(out), data_root=Path(data_root), profile=profile, seed=seed, wandb=wandb)
     ctx.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for name, stage in STAGES:
-        print(f"[demo] stage {name}")
-        stage(ctx)
-    ctx.results["profile"] = profile
-    ctx.results["seconds"] = round(time.perf_counter() - start, 1)
-    ctx.results["report"] = str(ctx.out / "report.html")
-    (ctx.out / "results.json").write_text(json.dumps(ctx.results, indent=2, sort_keys=True), encoding="utf-8")
-    ctx.report.write(ctx.out / "report.html")
+
+    def write() -> None:
+        ctx.results["profile"] = profile
+        ctx.results["seconds"] = round(time.perf_counter() - start, 1)
+        ctx.results["report"] = str(ctx.out / "report.html")
+        ctx.results["stages"] = {name: record.to_json() for name, record in ctx.stages.items()}
+        (ctx.out / "results.json").write_text(json.dumps(ctx.results, indent=2, sort_keys=True), encoding="utf-8")
+        _report_stages(ctx.report, ctx.stages)
+        ctx.report.write(ctx.out / "report.html")
+
+    def bind(name: str, stage: DemoStage) -> Callable[[], str | None]:
+        def run() -> str | None:
+            print(f"[demo] stage {name}")
+            return stage(ctx)
+
+        return run
+
+    run_stages("demo", [(name, bind(name, stage)) for name, stage in STAGES], ctx.stages, write)
     return ctx
+
+
+def _report_stages(report: Report, stages: dict[str, StageRecord]) -> None:
+    report.heading("Stages")
+    report.table(
+        ["stage", "status", "seconds", "note"],
+        [[name, r.status, r.seconds, r.error or r.reason or ""] for name, r in stages.items()],
+    )
 
 
 def demo_main(argv: list[str]) -> int:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_app.cli import main
 
@@ -70,7 +71,13 @@ def test_fit_validate_test_export(shapes_root: Path, tmp_path: Path, monkeypatch
     names = {p.name for p in checkpoints}
     assert {"best.ckpt", "last.ckpt"} <= names
     ckpt = next(p for p in checkpoints if p.name == "best.ckpt")
-    assert (tmp_path / "runs").rglob("config.yaml")
+    # LightningCLI's SaveConfigCallback (LoggedConfigCallback's parent) writes the resolved config to trainer.log_dir,
+    # the CSV logger's version folder, next to metrics.csv.
+    configs = sorted((tmp_path / "runs").rglob("config.yaml"))
+    assert len(configs) == 1 and (configs[0].parent / "metrics.csv").is_file()
+    saved = yaml.safe_load(configs[0].read_text())
+    assert saved["data"]["root"] == str(shapes_root) and saved["data"]["image_size"] == 32
+    assert saved["model"]["preset"] == "tiny" and saved["trainer"]["max_epochs"] == 1
 
     assert main(["validate", *args, "--ckpt_path", str(ckpt)]) == 0
     assert main(["test", *args, "--ckpt_path", str(ckpt)]) == 0

@@ -121,7 +121,6 @@ def test_gradient_attacks(
 def test_ensemble_held_out(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("modules.attacks.ensemble")
     second = tmp_path / "second.ckpt"
     shutil.copy(trained_checkpoint, second)
     out = tmp_path / "ensemble"
@@ -220,6 +219,34 @@ def test_input_errors(
         "the ensemble attack needs at least 2 checkpoints (--ckpt A B ...), got 1"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_checkpoints(
+    trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(trained_checkpoint.read_bytes()[:4096])
+    foreign = tmp_path / "foreign.ckpt"  # a valid torch file that no robucap run wrote
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    argv = ["--data-root", str(shapes_root), "--out", str(tmp_path / "o")]
+    assert _error(["attack", "fgsm", "--ckpt", str(truncated), *argv], capsys).startswith(
+        f"cannot read checkpoint {truncated}: it is not a PyTorch checkpoint archive"
+    )
+    assert _error(["attack", "show-and-fool", "--ckpt", str(foreign), *argv], capsys) == (
+        f"checkpoint {foreign} was not written by robucap's CaptioningModule (no tokenizer inside)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bug_while_loading_a_checkpoint_is_not_bad_input(
+    trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AttributeError("a bug in the model's construction")
+
+    monkeypatch.setattr(CaptioningModule, "load_from_checkpoint", broken)
+    with pytest.raises(AttributeError, match="a bug in the model's construction"):
+        main(["attack", "fgsm", *_common(trained_checkpoint, shapes_root, tmp_path / "o")])
 
 
 # -- data settings: from the checkpoint, detected for another root (issue 10, finding 11) -------------------------

@@ -1,4 +1,4 @@
-"""`robucap demo` end to end on the smoke profile: results.json keys and a report that embeds its figures."""
+"""`robucap demo` end to end on the smoke profile: results.json keys, stage outcomes and a report with its figures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from datamodules.errors import RobucapError
+from datamodules.tokenizer import build_word_tokenizer
+from lightning_app import demo
 from lightning_app.cli import main
 
 
@@ -27,12 +30,20 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert Path(baseline["checkpoint"]).is_file()
     assert baseline["train_seconds"] > 0
 
-    # Issue 5's blocks: every Show-and-Fool mode is reported (run, or why not), and the transfer study's matrices.
+    # Every registered stage ran (results.json sorts its keys).
+    assert list(results["stages"]) == sorted(name for name, _ in demo.STAGES)
+    for name, record in results["stages"].items():
+        assert record["status"] == "ok", (name, record)
+        assert record["seconds"] >= 0 and "error" not in record and "reason" not in record
+
+    # Every Show-and-Fool mode attacked images (fixed targets from the references on the smoke profile).
     assert set(results["show_and_fool"]) == {"caption", "keyword_1", "keyword_2", "keyword_3", "settings"}
+    assert results["show_and_fool"]["settings"]["targets"] == "references"
     for mode in ("caption", "keyword_1", "keyword_2", "keyword_3"):
         block = results["show_and_fool"][mode]
-        assert {"success_rate", "mean_l2", "n"} <= set(block)
-        assert block["n"] > 0 or block["not_run"]
+        assert block["n"] > 0 and 0.0 <= block["success_rate"] <= 1.0, (mode, block)
+        assert "skipped" not in block and Path(block["report"]).is_file()
+        assert len(block["target"].split(",")) == (1 if mode == "caption" else int(mode[-1]))
     models = [m["name"] for m in results["transfer"]["models"]]
     assert len(models) == 3
     for kind in ("targeted", "non_targeted"):
@@ -40,6 +51,83 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert {r["held_out"] for r in results["ensemble"]["rows"]} == set(models)
 
     report = (out / "report.html").read_text()
-    assert "Show-and-Fool" in report
+    assert "Show-and-Fool" in report and "Stages" in report
     assert "Baseline" in report and report.count("data:image/png;base64,") >= 2  # curves + test grid
     assert (data / "meta.json").is_file()  # the data was created because it was missing
+
+
+def _failing(error: Exception) -> demo.DemoStage:
+    def stage(ctx: demo.DemoContext) -> None:
+        ctx.results["partial"] = "written before the failure"
+        raise error
+
+    return stage
+
+
+def _never_run(ctx: demo.DemoContext) -> None:
+    raise AssertionError("a stage after a failed one ran")
+
+
+def _failing_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception) -> list[str]:
+    """The demo's arguments, with the data stage kept and the Show-and-Fool stage failing with ``error``."""
+    monkeypatch.chdir(tmp_path)
+    stages = [("data", demo.stage_data), ("show_and_fool", _failing(error)), ("transfer_study", _never_run)]
+    monkeypatch.setattr(demo, "STAGES", stages)
+    return ["demo", "--out", str(tmp_path / "demo"), "--data", str(tmp_path / "shapes"), "--profile", "smoke"]
+
+
+def _stages(tmp_path: Path) -> dict:
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["dataset"]["name"] == "shapes" and results["partial"] == "written before the failure"
+    assert (tmp_path / "demo" / "report.html").is_file()
+    assert results["stages"]["data"]["status"] == "ok"
+    assert results["stages"]["transfer_study"] == {
+        "status": "skipped",
+        "seconds": 0.0,
+        "reason": "not run: stage 'show_and_fool' failed",
+    }
+    return results["stages"]["show_and_fool"]
+
+
+def test_a_stage_failing_on_bad_input_ends_the_demo_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = _failing_demo(tmp_path, monkeypatch, RobucapError("no image offers a target"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars come before the error line
+    assert err[-1] == "robucap: error: demo stage 'show_and_fool' failed: no image offers a target"
+    assert sum(line.startswith("robucap: error") for line in err) == 1
+    record = _stages(tmp_path)
+    assert record["status"] == "failed" and record["error"] == "RobucapError: no image offers a target"
+
+
+def test_a_bug_in_a_stage_keeps_its_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = _failing_demo(tmp_path, monkeypatch, RuntimeError("a bug\nsecond line"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(argv)
+    assert "robucap: error" not in capsys.readouterr().err
+    record = _stages(tmp_path)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: a bug"
+
+
+def test_show_and_fool_targets_are_decided_by_a_check() -> None:
+    alike = ["a red circle", "a red circle", "a red circle"]
+    references = [["a red circle", "a blue square above a green triangle"], ["a red circle"], ["a red circle"]]
+    tokenizer = build_word_tokenizer([r for refs in references for r in refs])
+
+    skip = demo.mode_targets(alike, references, tokenizer, 1, "paper", seed=0)
+    assert skip == demo.ModeTargets(
+        skip="no image gets a paper-style target: no other image's clean caption offers 1 new content words"
+    )
+    assert demo.mode_targets(["a red circle", "a blue square"], references[:2], tokenizer, 0, "paper", 0) == (
+        demo.ModeTargets()  # paper-style targets: the attack draws them itself
+    )
+    fixed = demo.mode_targets(alike, references, tokenizer, 0, "references", 0)
+    assert fixed.options == ["--target", "a blue square above a green triangle"] and fixed.skip is None
+    keywords = demo.mode_targets(alike, references, tokenizer, 3, "references", 0)
+    assert keywords.options == ["--keywords", "blue,square,green"]
+    assert demo.mode_targets(alike, references, tokenizer, 5, "references", 0).skip == (
+        "no reference caption offers 5 new content words that a clean caption lacks"
+    )

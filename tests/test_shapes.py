@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import coco
 
 from datamodules.errors import DataError, RobucapError
 from datamodules.shapes import (
@@ -111,7 +112,6 @@ def test_coco_json_and_images(tiny: Path) -> None:
 
 
 def test_standard_coco_loader_reads_it(tiny: Path) -> None:
-    coco = pytest.importorskip("pycocotools.coco")
     caps = coco.COCO(str(tiny / "annotations" / "captions_val.json"))
     inst = coco.COCO(str(tiny / "annotations" / "instances_val.json"))
     assert len(caps.getImgIds()) == 8 and len(caps.getAnnIds()) == 40

@@ -11,6 +11,7 @@ from typing import Any
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from lightning_app.report import Report
+from lightning_app.stages import StageRecord, run_stages
 
 STUDIES = ("freeze", "backdoor", "transfer")
 
@@ -56,17 +57,26 @@ def study_main(argv: list[str]) -> int:
     if args.data_root is None:
         args.data_root = default_data_root(args, shapes)
     report = Report(f"robucap study {args.name}")
-    if args.name == "freeze":
-        results, line = _freeze(args, out, shapes, report)
-    elif args.name == "backdoor":
-        results, line = _backdoor(args, out, shapes, report)
-    else:
-        results, line = _transfer(args, out, shapes, report)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results["report"] = str(out / "report.html")
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
-    report.write(out / "report.html")
-    print(f"robucap study {args.name} done in {results['seconds']:.0f} s: {line}; report: {out / 'report.html'}")
+    results: dict[str, Any] = {}
+    records: dict[str, StageRecord] = {}
+    lines: list[str] = []
+    study = {"freeze": _freeze, "backdoor": _backdoor, "transfer": _transfer}[args.name]
+
+    def run() -> None:
+        block, line = study(args, out, shapes, report)
+        results.update(block)
+        lines.append(line)
+
+    def write() -> None:
+        # Also after a failed stage: what the study has so far, and which stage failed.
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        results["report"] = str(out / "report.html")
+        results["stages"] = {name: record.to_json() for name, record in records.items()}
+        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
+        report.write(out / "report.html")
+
+    run_stages("study", [(args.name, run)], records, write)
+    print(f"robucap study {args.name} done in {results['seconds']:.0f} s: {lines[0]}; report: {out / 'report.html'}")
     return 0
 
 

@@ -8,12 +8,14 @@ Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ...), so a t
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import resnet
@@ -32,6 +34,20 @@ TINY_BACKBONE = "tiny_resnet"
 BACKBONES = (TINY_BACKBONE, *TORCHVISION_RESNETS)
 # The classifier head of a full torchvision state_dict; the trunk has no use for it.
 CLASSIFIER_PREFIX = "fc."
+# What loading a corrupt or foreign file raises, as observed on truncated, empty, text, image and random files: the
+# zip reader's RuntimeError; for a file that is not a zip archive torch falls back to its legacy format, and Python's
+# unpickler reading arbitrary bytes raises UnpicklingError, EOFError, KeyError, IndexError or UnicodeDecodeError;
+# safetensors raises SafetensorError. Anything else is not the file's fault and is not relabelled.
+_UNREADABLE: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    KeyError,
+    IndexError,
+    UnicodeDecodeError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
 
 
 def torchvision_resnet_trunk(name: str) -> tuple[nn.Sequential, int, int]:
@@ -153,7 +169,7 @@ class CNNEncoder(nn.Module):
                 state = load_file(str(path), device="cpu")
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch and safetensors raise several types for a corrupt or foreign file
+        except _UNREADABLE as err:
             # torch's own message is many lines long and suggests weights_only=False, which we never do.
             raise RobucapError(
                 f"cannot read encoder_weights file {path} as a torch.save'd state_dict or a .safetensors file "
