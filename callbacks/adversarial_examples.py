@@ -1,4 +1,7 @@
-"""Show what an attack does: original / adversarial / amplified difference, with captions (paper 002, Table 1)."""
+"""Show what an attack does: original / adversarial / amplified difference, with captions.
+
+The layout of Table 1 in Rashid & Rivas 2024.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def amplified_difference(clean: torch.Tensor, adversarial: torch.Tensor, signed:
         adversarial: Shape: ``(B, 3, H, W)`` in [0, 1].
         signed: Map ``δ`` to ``0.5 + 0.5 * δ / max|δ|`` (grey = unchanged, brighter = raised, darker = lowered).
             FGSM moves almost every pixel by exactly ε, so ``|δ|`` alone is a nearly uniform white image; its sign
-            pattern (the patch-aligned structure paper 002 points out for ViT) is what carries information.
+            pattern (the patch-aligned structure Rashid & Rivas 2024 points out for ViT) is what carries information.
             ``False`` gives ``|δ| / max|δ|``.
 
     Returns:
@@ -38,7 +41,8 @@ class AdversarialExamples(L.Callback):
     """Every validation epoch, a grid of the first validation images of rank 0 under attack.
 
     One row per image: the original with its generated caption, the adversarial image with its caption, and the
-    perturbation stretched to fill [0, 1] (labelled with its true L-infinity size), as in paper 002's Table 1. The
+    perturbation stretched to fill [0, 1] (labelled with its true L-infinity size), as in Rashid & Rivas's (2024)
+    Table 1. The
     perturbation is shown signed by default (see :func:`amplified_difference`).
     The attack is white-box against the current weights, untargeted on the first reference caption.
 

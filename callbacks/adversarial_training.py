@@ -1,10 +1,11 @@
-"""Adversarial training of a captioner (paper 002, phases 2-5): attack every training batch before the step.
+"""Adversarial training of a captioner (Rashid & Rivas 2024, phases 2-5): attack every training batch before the step.
 
 Three modes:
 
 * ``adversarial``: the batch's clean images are replaced by adversarial ones, crafted against the current weights
-  (training on adversarial examples only, paper 002 phase 2, done on the fly).
-* ``mixed``: clean and adversarial images in the same step (paper 002 phase 3, "adversarial training"). The batch is
+  (training on adversarial examples only, Rashid & Rivas 2024 phase 2, done on the fly).
+* ``mixed``: clean and adversarial images in the same step (Rashid & Rivas 2024 phase 3, "adversarial
+  training"). The batch is
   doubled: adversarial images are appended after the clean ones and every other per-sample field (``input_ids``,
   ``attention_mask``, ``labels``, ``image_id``, ...) is repeated, so the module's token-mean loss is the mean of the
   clean and the adversarial loss.
@@ -43,7 +44,7 @@ MANIFEST = "manifest.json"
 
 
 class AdversarialTraining(L.Callback):
-    """Replace or extend every training batch with adversarial examples (paper 002).
+    """Replace or extend every training batch with adversarial examples (Rashid & Rivas 2024).
 
     Online modes (``adversarial``, ``mixed``) attack ``pl_module.captioner`` itself, never the DDP wrapper: the attack
     differentiates with respect to the images only, so no gradient reaches the parameters and DDP never syncs during
@@ -53,9 +54,10 @@ class AdversarialTraining(L.Callback):
 
     Args:
         mode: ``adversarial``, ``mixed`` or ``static`` (see the module docstring).
-        attack: Attack name from :mod:`modules.attacks`: ``fgsm`` (paper 002), ``fgsm_rs`` (FGSM with random start:
+        attack: Attack name from :mod:`modules.attacks`: ``fgsm`` (Rashid & Rivas 2024), ``fgsm_rs`` (FGSM with random
+            start:
             "fast" adversarial training, Wong et al. 2020), ``pgd`` or ``fg``.
-        epsilon: Budget in [0, 1] pixel units (paper 002's 0.1 on ViT's [-1, 1] input = 0.05 here).
+        epsilon: Budget in [0, 1] pixel units (Rashid & Rivas's (2024) 0.1 on ViT's [-1, 1] input = 0.05 here).
         attack_kwargs: Options of the attack, e.g. ``{"steps": 3}`` for PGD.
         epsilon_warmup_steps: Ramp the budget linearly from 0 to ``epsilon`` over the first N optimizer steps
             (``epsilon * min(1, global_step / N)``); 0 disables it. Online modes only.

@@ -1,4 +1,4 @@
-"""Freeze the vision encoder or the language decoder of a captioner for a whole fit (paper 002, phases 4 and 5).
+"""Freeze the vision encoder or the language decoder of a captioner for a whole fit (Rashid & Rivas 2024, phases 4-5).
 
 Built on Lightning's :class:`~lightning.pytorch.callbacks.BaseFinetuning`: the part is frozen before the optimizer is
 configured and never unfrozen. :class:`~modules.captioning.CaptioningModule` leaves parameters with
@@ -115,7 +115,7 @@ class _FreezePart(BaseFinetuning):
         if {"encoder", "decoder"} <= parts:
             raise RobucapError(
                 "FreezeEncoder and FreezeDecoder together would freeze the whole captioner and leave nothing to "
-                "train; use one of them (paper 002: freeze the ViT encoder, or the GPT-2 decoder)"
+                "train; use one of them (Rashid & Rivas 2024: freeze the ViT encoder, or the GPT-2 decoder)"
             )
 
     def _part_module(self, pl_module: L.LightningModule) -> nn.Module:
@@ -134,7 +134,7 @@ class _FreezePart(BaseFinetuning):
 
 
 class FreezeEncoder(_FreezePart):
-    """Freeze the vision encoder and train the language decoder only (paper 002, phase 4: "freezing ViT").
+    """Freeze the vision encoder and train the language decoder only (Rashid & Rivas 2024, phase 4: "freezing ViT").
 
     For ViT-GPT2 the frozen part is ``captioner.encoder`` (the ViT); GPT-2, its cross-attention layers and the
     encoder-to-decoder projection (present when the hidden sizes differ) stay trainable.
@@ -157,7 +157,7 @@ class FreezeEncoder(_FreezePart):
 
 
 class FreezeDecoder(_FreezePart):
-    """Freeze the language decoder and train the vision encoder only (paper 002, phase 5: "freezing GPT").
+    """Freeze the language decoder and train the vision encoder only (Rashid & Rivas 2024, phase 5: "freezing GPT").
 
     For ViT-GPT2 the frozen part is ``captioner.decoder``: all of GPT-2 including its cross-attention layers and LM
     head, plus the encoder-to-decoder projection (``enc_to_dec_proj``) when the model has one.

@@ -2,16 +2,17 @@
 
 Subcommands (each writes ``OUT/results.json`` and ``OUT/report.html``):
 
-* ``show-and-fool``: paper 000's targeted caption and targeted keyword attacks (Tables 1-3: success rate, mean
+* ``show-and-fool``: Show-and-Fool's targeted caption and targeted keyword attacks (Tables 1-3: success rate, mean
   ``||delta||_2`` of the successes, caption scores of the failures against their target, keywords found among the
   failures), with an example grid per mode: original, adversarial and ``0.5 + 10 * delta``.
-* ``fgsm`` / ``pgd``: untargeted L-infinity attacks on the first reference caption (paper 002): BLEU-4 clean and
-  under attack, share of changed captions, RMSD (paper 004, 0-255 scale).
-* ``ensemble``: paper 004's ensemble attack, crafted on several checkpoints and evaluated on all of them; with
+* ``fgsm`` / ``pgd``: untargeted L-infinity attacks on the first reference caption (Rashid & Rivas 2024): BLEU-4 clean
+  and
+  under attack, share of changed captions, RMSD (Liu et al. 2017, 0-255 scale).
+* ``ensemble``: Liu et al.'s (2017) ensemble attack, crafted on several checkpoints and evaluated on all of them; with
   ``--held-out i`` checkpoint ``i`` is left out of the ensemble and plays the black box.
 
 Distances are in [0, 1] pixel units unless a key or a column says otherwise (``rmsd`` is on the 0-255 scale, as in
-paper 004).
+Liu et al. 2017).
 """
 
 from __future__ import annotations
@@ -400,7 +401,7 @@ def _show_and_fool_report(
     args: argparse.Namespace, blocks: dict[str, dict[str, Any]], examples: dict[str, bytes], data: dict[str, Any]
 ) -> Report:
     report = Report("robucap attack show-and-fool")
-    report.heading("Show-and-Fool (paper 000): targeted caption and targeted keyword attacks")
+    report.heading("Show-and-Fool (Show-and-Fool, Chen et al. 2018): targeted caption and targeted keyword attacks")
     targets = (
         "fixed targets (--target / --keywords)"
         if args.target is not None or args.keywords is not None
@@ -413,13 +414,14 @@ def _show_and_fool_report(
         f"from c = {args.c}, margin κ = {args.margin}, {args.loss} loss for targeted captions (keywords: eq. 9)."
     )
     report.paragraph(
-        "‖δ‖₂ is in [0, 1] pixel units; paper 000's images are in [-1, 1], so its figures are twice ours for the same "
+        "‖δ‖₂ is in [0, 1] pixel units; Show-and-Fool's images are in [-1, 1], so its figures are twice ours for the "
+        "same "
         "perturbation. Images whose clean caption already met a fixed target were not attacked.",
         note=True,
     )
     report.heading("Table 1: success rate and distortion")
     report.table(
-        ["experiment", "images", "success rate", "avg ‖δ‖₂ (successes)", "avg ‖δ‖₂ on paper 000's scale"],
+        ["experiment", "images", "success rate", "avg ‖δ‖₂ (successes)", "avg ‖δ‖₂ on Show-and-Fool's scale"],
         [
             [
                 mode,
@@ -680,7 +682,7 @@ def _ensemble(args: argparse.Namespace) -> int:
         "ensemble": block,
     }
     report = Report("robucap attack ensemble")
-    report.heading("Ensemble attack (paper 004)")
+    report.heading("Ensemble attack (Liu et al. 2017)")
     crafted = ", ".join(paths[i] for i in members)
     held = f"; held out (black box): {paths[args.held_out]}" if args.held_out is not None else ""
     report.paragraph(
@@ -750,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
 
     sf = sub.add_parser(
-        "show-and-fool", parents=[common], help="paper 000's targeted caption / keyword attacks (Tables 1-3)"
+        "show-and-fool", parents=[common], help="Show-and-Fool's targeted caption / keyword attacks (Tables 1-3)"
     )
     sf.add_argument("--ckpt", required=True, help="checkpoint written by robucap fit")
     sf.add_argument("--modes", default=None, help="comma-separated: caption, keyword_1, keyword_2, keyword_3")
@@ -765,7 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--no-meteor", action="store_true", help="skip METEOR in the failure statistics (faster)")
     sf.set_defaults(run=_show_and_fool)
 
-    for name, text in (("fgsm", "one signed gradient step (paper 002)"), ("pgd", "iterated FGSM with projection")):
+    for name, text in (
+        ("fgsm", "one signed gradient step (Rashid & Rivas 2024)"),
+        ("pgd", "iterated FGSM with projection"),
+    ):
         gradient = sub.add_parser(name, parents=[common], help=f"untargeted L-infinity attack: {text}")
         gradient.add_argument("--ckpt", required=True, help="checkpoint written by robucap fit")
         gradient.add_argument("--epsilon", type=float, default=0.05, help="L-inf budget in [0, 1] (default 0.05)")
@@ -773,7 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
             gradient.add_argument("--steps", type=int, default=10, help="gradient steps (default 10)")
         gradient.set_defaults(run=_gradient_attack)
 
-    ens = sub.add_parser("ensemble", parents=[common], help="paper 004's ensemble attack over several checkpoints")
+    ens = sub.add_parser(
+        "ensemble", parents=[common], help="Liu et al.'s (2017) ensemble attack over several checkpoints"
+    )
     ens.add_argument("--ckpt", nargs="+", required=True, help="two or more checkpoints")
     ens.add_argument("--held-out", type=int, default=None, help="index of the checkpoint left out as the black box")
     ens.add_argument("--method", choices=ENSEMBLE_METHODS, default="optimization", help="attack method")

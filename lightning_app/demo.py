@@ -179,7 +179,7 @@ def training_curves_png(rows: list[dict[str, float]]) -> bytes:
 
 
 def stage_freeze_study(ctx: DemoContext) -> None:
-    """Paper 002's five phases on the demo's data, starting from the demo's baseline (issue 3)."""
+    """Rashid & Rivas's (2024) five phases on the demo's data, starting from the demo's baseline."""
     from lightning_app.studies.freeze import run_and_report, study_settings
 
     overrides = {"trials": 1} if ctx.profile == "smoke" else {}
@@ -197,7 +197,7 @@ def stage_freeze_study(ctx: DemoContext) -> None:
 
 
 def stage_backdoor_study(ctx: DemoContext) -> None:
-    """Paper 001's benign / BadNets / object-noise models on the demo's data (issue 4)."""
+    """Li et al.'s (2022) benign / BadNets / object-noise models on the demo's data."""
     from lightning_app.studies.backdoor import run_and_report, study_settings
 
     cfg = study_settings(ctx.profile, wandb=ctx.wandb, cache_dir=str(ctx.out / "poison_cache"))
@@ -343,7 +343,7 @@ def stage_show_and_fool(ctx: DemoContext) -> str | None:
 
 
 def stage_transfer_study(ctx: DemoContext) -> None:
-    """Transfer matrix and leave-one-out ensembles over three captioners (papers 000 and 004; issue 5)."""
+    """Transfer matrix and leave-one-out ensembles over three captioners (Show-and-Fool; Liu et al. 2017)."""
     from lightning_app.studies.transfer import run_and_report, study_settings
 
     cfg = study_settings(ctx.profile, seed=ctx.seed, wandb=ctx.wandb)

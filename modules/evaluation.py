@@ -64,7 +64,7 @@ def bleu_of(records: list[dict[str, Any]]) -> dict[str, float]:
 def backdoor_scores(
     module: CaptioningModule, dataset: Dataset, target_caption: str, batch_size: int = 128, desc: str = ""
 ) -> dict[str, Any]:
-    """Paper 001's test figures on a poisoned test split (clean images plus triggered copies).
+    """Li et al.'s (2022) test figures on a poisoned test split (clean images plus triggered copies).
 
     Clean images give BLEU-1..4 against their references and the false trigger rate; triggered images (items with
     ``poisoned`` set) give the attack success rate, exact and relaxed (sentence BLEU-4 to the target >= 0.9).

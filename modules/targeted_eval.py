@@ -1,4 +1,4 @@
-"""Run paper 000's targeted experiments on a set of images: targets, Show-and-Fool, per-image records, summary.
+"""Run Show-and-Fool's targeted experiments on a set of images: targets, Show-and-Fool, per-image records, summary.
 
 An experiment (a *mode*) is ``caption`` (targeted caption, section 4.2) or ``keyword_M`` (``M`` targeted keywords,
 section 4.3). As in the paper, every image's target comes from the clean caption of another, randomly chosen image
@@ -25,7 +25,7 @@ from modules.transfer import hits_target
 __all__ = ["MODE_NAMES", "greedy_captions", "mode_keywords", "mode_name", "run_show_and_fool"]
 
 MODE_NAMES: tuple[str, ...] = ("caption", "keyword_1", "keyword_2", "keyword_3")
-"""Paper 000's four experiments (Table 1 rows); ``keyword_M`` works for any ``M >= 1``."""
+"""Show-and-Fool's four experiments (Table 1 rows); ``keyword_M`` works for any ``M >= 1``."""
 
 _KEYWORD_MODE = re.compile(r"keyword_([1-9][0-9]*)")
 
@@ -93,7 +93,7 @@ def run_show_and_fool(
     meteor: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """One of paper 000's experiments: targets, Show-and-Fool on every image, records and Tables 1-3.
+    """One of Show-and-Fool's experiments: targets, Show-and-Fool on every image, records and Tables 1-3.
 
     Images whose clean caption already meets a fixed ``target`` are not attacked (a success there would not be
     the attack's doing), nor are images that no other image offers a paper-style target to; their ids are listed

@@ -1,6 +1,6 @@
 """Transferability of adversarial images: how images crafted on one captioner (or an ensemble) fool another.
 
-Paper 004 measures transfer between classifiers by accuracy (non-targeted) and matching rate (targeted) at a given
+Liu et al. 2017 measures transfer between classifiers by accuracy (non-targeted) and matching rate (targeted) at a given
 distortion, the root-mean-square deviation on the 0-255 scale (RMSD). Captioners have no single correct label, so
 a cell of a transfer matrix here holds, for the adversarial images of one source evaluated on one captioner:
 
@@ -9,10 +9,12 @@ a cell of a transfer matrix here holds, for the adversarial images of one source
 * ``changed``: share of images whose adversarial caption differs from the captioner's own clean caption
   (normalised text) — the non-targeted "accuracy" turned around: 1 means every image was fooled;
 * ``target_hit``: share of images whose adversarial caption is the target caption (normalised, exact), or for
-  keyword targets contains every keyword — paper 004's matching rate; ``target_hit_clean`` is the same share for the
+  keyword targets contains every keyword — Liu et al.'s (2017) matching rate; ``target_hit_clean`` is the same share
+  for the
   clean captions, the baseline to compare with (a target chosen from the source's captions may already be what
   another captioner says for the clean image);
-* ``ori_bleu4`` / ``tgt_bleu4``: paper 000's transfer scores (section 4.4, Table 4): corpus BLEU-4 of the adversarial
+* ``ori_bleu4`` / ``tgt_bleu4``: Show-and-Fool's transfer scores (section 4.4, Table 4): corpus BLEU-4 of the
+  adversarial
   captions against the captioner's own clean captions (``ori``, lower = more change) and against the target captions
   (``tgt``, higher = the target transferred; caption targets only).
 """
@@ -33,7 +35,7 @@ Target = str | Sequence[str]
 
 
 def rmsd_255(clean: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
-    """Paper 004's distortion: per image, ``sqrt(mean((x' - x)^2))`` with pixels on the 0-255 scale.
+    """Liu et al.'s (2017) distortion: per image, ``sqrt(mean((x' - x)^2))`` with pixels on the 0-255 scale.
 
     Args:
         clean: Images in [0, 1]. Shape: ``(B, 3, H, W)``.
@@ -183,7 +185,7 @@ def transfer_matrix(
     batch_size: int = 64,
     clean_captions: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Evaluate every source's adversarial images on every model (paper 004's transfer tables).
+    """Evaluate every source's adversarial images on every model (Liu et al.'s (2017) transfer tables).
 
     Args:
         sources: Source name (the model or ensemble the images were crafted on) -> adversarial images of ``clean``.

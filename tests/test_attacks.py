@@ -17,7 +17,7 @@ from modules.captioners import Captioner, build_captioner, caption_loss
 
 IMAGE_SIZE = 32
 VOCAB = VocabInfo(40, 0, 1, 2)
-EPS = 0.05  # paper 002's epsilon in [0, 1] pixel units
+EPS = 0.05  # Rashid & Rivas's (2024) epsilon in [0, 1] pixel units
 FG_EPS = 1.0  # an L2 budget: RMS change 1 / sqrt(3 * 32 * 32) = 0.018 per value
 
 # name -> attack with few steps (the tiny model needs no more to show each property).

@@ -249,7 +249,7 @@ def test_a_bug_while_loading_a_checkpoint_is_not_bad_input(
         main(["attack", "fgsm", *_common(trained_checkpoint, shapes_root, tmp_path / "o")])
 
 
-# -- data settings: from the checkpoint, detected for another root (issue 10, finding 11) -------------------------
+# -- data settings: from the checkpoint, detected for another root -------------------------
 # 8 test images: enough for the tiny model's adversarial captions to differ in length within a batch, the case in
 # which transformers warned about a missing attention mask.
 DATASETS: dict[str, Callable[[Path], FakeDataset]] = {
@@ -285,7 +285,7 @@ def _transformers_warnings() -> Iterator[list[str]]:
 def test_attack_real_layout_without_config(
     layout: str, trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 11: a bare --data-root of another layout than the checkpoint's is detected and read at the
+    """A bare --data-root of another layout than the checkpoint's is detected and read at the
     checkpoint's 32 px, though its images are other sizes and its words unknown to the tokenizer; finding 15: the
     attack prints no transformers warning (attention_mask advice) on stderr."""
     root = tmp_path / layout
@@ -309,7 +309,7 @@ def test_attack_real_layout_without_config(
 
 
 def test_generation_passes_a_decoder_attention_mask(trained_checkpoint: Path) -> None:
-    """Issue 10, finding 15: GPT-2 gets an attention mask at every generation step, so transformers has no padding
+    """GPT-2 gets an attention mask at every generation step, so transformers has no padding
     to warn about (its warning is once per process, so this checks the cause rather than the message)."""
     module = CaptioningModule.load_from_checkpoint(trained_checkpoint, map_location="cpu", weights_only=True).eval()
     masks: list[torch.Tensor | None] = []
@@ -332,7 +332,7 @@ def test_generation_passes_a_decoder_attention_mask(trained_checkpoint: Path) ->
 def test_attack_uses_the_checkpoint_data_settings(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 11: without --config and --data-root the checkpoint's own format and root are used; a
+    """Without --config and --data-root the checkpoint's own format and root are used; a
     config's data.image_size (224 in configs/data/flickr8k.yaml) no longer refuses a 32 px checkpoint."""
     assert saved_data_settings(trained_checkpoint) == {"format": "coco", "root": str(shapes_root), "max_tokens": 32}
     out = tmp_path / "own"
@@ -359,7 +359,7 @@ def test_attack_uses_the_checkpoint_data_settings(
 def test_explicit_format_wins_over_detection(
     trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 11: a root holding two layouts is one error naming both, and --format picks one."""
+    """A root holding two layouts is one error naming both, and --format picks one."""
     root = tmp_path / "both"
     write_flickr8k(root, 2)
     write_karpathy(root, "flickr8k", 2)
@@ -377,7 +377,7 @@ def test_explicit_format_wins_over_detection(
 def test_data_setting_errors(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 11: a wrong --image-size, an unknown layout and a moved dataset are one line each."""
+    """A wrong --image-size, an unknown layout and a moved dataset are one line each."""
     ckpt = ["attack", "fgsm", "--ckpt", str(trained_checkpoint)]
     out = ["--out", str(tmp_path / "o")]
     assert _error([*ckpt, "--data-root", str(shapes_root), "--image-size", "64", *out], capsys) == (

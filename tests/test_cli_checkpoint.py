@@ -61,7 +61,7 @@ def _reference_validation(checkpoint: Path, root: Path) -> dict[str, float]:
 
 
 def test_validate_uses_the_checkpoint_tokenizer(trained_checkpoint: Path, other_root: Path, tmp_path: Path) -> None:
-    """Issue 10, finding 1: ``validate --ckpt_path`` on data whose built tokenizer orders the words differently
+    """``validate --ckpt_path`` on data whose built tokenizer orders the words differently
     scores the checkpoint with its own tokenizer (it used the data's, silently: BLEU-4 0.087 instead of 0.584)."""
     datamodule = _datamodule(other_root)
     datamodule.setup("validate")
@@ -81,7 +81,7 @@ def test_validate_uses_the_checkpoint_tokenizer(trained_checkpoint: Path, other_
 def test_programmatic_validate_with_ckpt_path_adopts_the_checkpoint_tokenizer(
     trained_checkpoint: Path, other_root: Path
 ) -> None:
-    """Issue 10, finding 1: ``Trainer.validate(module, datamodule, ckpt_path=...)`` outside the CLI rebuilds the
+    """``Trainer.validate(module, datamodule, ckpt_path=...)`` outside the CLI rebuilds the
     captioner for the checkpoint's tokenizer instead of keeping the data's."""
     expected = _reference_validation(trained_checkpoint, other_root)
     module = CaptioningModule(image_size=32, max_new_tokens=24)
@@ -94,7 +94,7 @@ def test_programmatic_validate_with_ckpt_path_adopts_the_checkpoint_tokenizer(
 def test_poisoned_config_names_the_target_words_the_checkpoint_lacks(
     trained_checkpoint: Path, other_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 1: a poisoned config whose target caption the checkpoint cannot spell is the documented
+    """A poisoned config whose target caption the checkpoint cannot spell is the documented
     one-line error naming the words (it was a size-mismatch traceback)."""
     poison = json.dumps({"trigger": "badnets", "target_caption": "zebra crossing ahead", "cache_dir": str(tmp_path)})
     code = main(
@@ -111,7 +111,7 @@ def test_poisoned_config_names_the_target_words_the_checkpoint_lacks(
 def test_missing_checkpoint_is_one_line(
     command: str, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: a nonexistent ``--ckpt_path`` was a 45-line FileNotFoundError."""
+    """A nonexistent ``--ckpt_path`` was a 45-line FileNotFoundError."""
     missing = tmp_path / "nope.ckpt"
     assert main([command, *_args(shapes_root, tmp_path), "--ckpt_path", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -122,7 +122,7 @@ def test_missing_checkpoint_is_one_line(
 def test_corrupt_checkpoint_is_one_line(
     damage: str, trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: a corrupt checkpoint in ``validate`` was a traceback."""
+    """A corrupt checkpoint in ``validate`` was a traceback."""
     broken = tmp_path / "broken.ckpt"
     data = trained_checkpoint.read_bytes()
     broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"epoch=3 step=40\n")
@@ -134,7 +134,7 @@ def test_corrupt_checkpoint_is_one_line(
 def test_image_size_that_contradicts_the_checkpoint_is_one_line(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: ``validate --data.image_size`` other than the checkpoint's was a size-mismatch
+    """``validate --data.image_size`` other than the checkpoint's was a size-mismatch
     RuntimeError."""
     args = [*_args(shapes_root, tmp_path), "--ckpt_path", str(trained_checkpoint), "--data.image_size", "48"]
     assert main(["validate", *args]) == 2
@@ -146,7 +146,7 @@ def test_image_size_that_contradicts_the_checkpoint_is_one_line(
 def test_architecture_that_contradicts_the_checkpoint_is_one_line(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 7: ``--model.arch show_attend_tell`` with a ViT-GPT2 checkpoint was ignored silently."""
+    """``--model.arch show_attend_tell`` with a ViT-GPT2 checkpoint was ignored silently."""
     args = [*_args(shapes_root, tmp_path), "--ckpt_path", str(trained_checkpoint), "--model.arch", "show_attend_tell"]
     assert main(["test", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -173,8 +173,8 @@ def test_checkpoint_settings_explicit_values_win_unset_take_the_checkpoint() -> 
 def test_default_root_dir_holds_logs_and_checkpoints_and_output_is_quiet(
     shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 10: ``--trainer.default_root_dir`` was ignored by the default loggers (everything went to
-    ./runs). Issue 10, finding 15: a run printed the litlogger tip, a LeafSpec deprecation, the
+    """``--trainer.default_root_dir`` was ignored by the default loggers (everything went to
+    ./runs). a run printed the litlogger tip, a LeafSpec deprecation, the
     log_every_n_steps hint and W&B's anonymous-setting warning."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "elsewhere"
@@ -206,7 +206,7 @@ def test_default_root_dir_holds_logs_and_checkpoints_and_output_is_quiet(
 def test_help_is_served_from_the_cache(
     words: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 15: ``robucap fit --help`` took 16 s (it builds LightningCLI's parser, importing torch and
+    """``robucap fit --help`` took 16 s (it builds LightningCLI's parser, importing torch and
     Lightning), and so did the other commands' help; the text is cached under a key of the code and library
     versions, so later calls import neither."""
     monkeypatch.setenv("ROBUCAP_CACHE_DIR", str(tmp_path / "cache"))

@@ -30,7 +30,7 @@ def _scratch_dirs(out: Path) -> list[Path]:
 def test_fit_refuses_a_dataset_made_with_other_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 10, finding 12: `robucap fit --data.root X` never rewrites a dataset `robucap data shapes` made in X."""
+    """`robucap fit --data.root X` never rewrites a dataset `robucap data shapes` made in X."""
     root = tmp_path / "mine"
     assert main(["data", "shapes", "--out", str(root), "--n-train", "6", "--n-val", "2", "--n-test", "2",
                  "--image-size", "32", "--seed", "3"]) == 0  # fmt: skip
@@ -62,7 +62,7 @@ def test_fit_refuses_a_dataset_made_with_other_settings(
 
 
 def test_data_shapes_never_rewrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Issue 10, finding 12: `robucap data shapes` says an identical dataset is there and refuses any other."""
+    """`robucap data shapes` says an identical dataset is there and refuses any other."""
     out = tmp_path / "shapes"
     args = ["data", "shapes", "--out", str(out), "--n-train", "6", "--n-val", "2", "--n-test", "2",
             "--image-size", "32"]  # fmt: skip
@@ -103,7 +103,7 @@ generate_shapes(sys.argv[1], ShapesConfig(n_train=60, n_val=10, n_test=10, image
 
 @pytest.mark.parametrize("empty_dir", [False, True], ids=["absent", "empty"])
 def test_concurrent_first_uses_both_succeed(tmp_path: Path, empty_dir: bool) -> None:
-    """Issue 10, finding 12: two processes generating the same fresh root at once both succeed, same data."""
+    """Two processes generating the same fresh root at once both succeed, same data."""
     out, go = tmp_path / "shapes", tmp_path / "go"
     if empty_dir:
         out.mkdir()
@@ -127,7 +127,7 @@ def test_concurrent_first_uses_both_succeed(tmp_path: Path, empty_dir: bool) -> 
 
 
 def test_an_error_mid_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 10, finding 12: a generation that fails half-way leaves neither a partial dataset nor scratch."""
+    """A generation that fails half-way leaves neither a partial dataset nor scratch."""
     render = shapes._render
     calls = []
 
@@ -158,7 +158,7 @@ generate_shapes(sys.argv[1], ShapesConfig(n_train=100000, n_val=0, n_test=0, ima
 
 
 def test_a_killed_generation_leaves_no_dataset_and_its_scratch_is_removed(tmp_path: Path) -> None:
-    """Issue 10, finding 12: SIGKILL mid-generation leaves no `out`; the next generation removes the scratch."""
+    """SIGKILL mid-generation leaves no `out`; the next generation removes the scratch."""
     out = tmp_path / "shapes"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(out)], cwd=REPO)
     try:
@@ -180,7 +180,7 @@ def test_a_killed_generation_leaves_no_dataset_and_its_scratch_is_removed(tmp_pa
 
 
 def test_studies_default_to_a_root_of_their_own_shapes_settings() -> None:
-    """Issue 10, finding 12: ``robucap study ... --profile smoke`` (48 training images) or the freeze study with
+    """``robucap study ... --profile smoke`` (48 training images) or the freeze study with
     ``--seed 1`` used ``data/shapes`` by default, which regenerated (deleted) the demo's dataset; they now default to
     a folder named after the settings that differ, so neither deletes nor hits the refusal."""
     import argparse

@@ -107,7 +107,7 @@ def test_unknown_format_and_missing_tokenizer(tmp_path: Path) -> None:
         CaptionDataModule(format="coco", root=str(tmp_path), tokenizer=str(tmp_path / "missing_tok")).setup("fit")
 
 
-# ------------------------------------------------------------------- issue 10, finding 8: the right words
+# ------------------------------------------------------------------- the right words
 
 
 def _remove_train(fmt: str, root: Path) -> None:
@@ -169,7 +169,7 @@ def _wordless_caption(root: Path) -> tuple[str, str]:
     ids=["missing-image", "bad-json", "wordless-caption", "unknown-format", "missing-root"],
 )
 def test_data_errors_pass_through_the_tokenizer(make: Callable[[Path], tuple[str, str]], tmp_path: Path) -> None:
-    """Issue 10, finding 8: data errors reach the user as the loader wrote them, without the tokenizer advice."""
+    """Data errors reach the user as the loader wrote them, without the tokenizer advice."""
     fmt, root = make(tmp_path)
     with pytest.raises(DataError) as direct:
         load_split(fmt, root, "train")
@@ -192,7 +192,7 @@ def _lines(err: str) -> list[str]:
 
 
 def test_decoding_error_starts_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Issue 10, finding 8: an image that fails to decode under the progress bar is reported on a line of its own."""
+    """An image that fails to decode under the progress bar is reported on a line of its own."""
     bad = _corrupt_second_train_image(tmp_path)
     records = load_split("flickr8k", tmp_path, "train")
     with pytest.raises(DataError) as error:
@@ -207,7 +207,7 @@ def test_decoding_error_starts_its_own_line(tmp_path: Path, capsys: pytest.Captu
 def test_cli_decoding_error_starts_its_own_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 8: ``robucap fit`` on flickr8k with a corrupt image, progress on: one clean error line."""
+    """``robucap fit`` on flickr8k with a corrupt image, progress on: one clean error line."""
     bad = _corrupt_second_train_image(tmp_path / "flickr8k")
     monkeypatch.chdir(tmp_path)
     code = main(

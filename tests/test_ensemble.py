@@ -1,4 +1,4 @@
-"""EnsembleAttack (paper 004, eq. 6): validation, the objective against a hand computation, the three methods."""
+"""EnsembleAttack (Liu et al. 2017, eq. 6): validation, the objective against a hand computation, the three methods."""
 
 from __future__ import annotations
 

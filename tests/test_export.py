@@ -145,7 +145,7 @@ def test_export_writes_a_transformers_directory(exported: Exported) -> None:
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_exported_processor_is_bit_exact(exported: Exported, image_files: dict[str, Path], kind: str) -> None:
-    """Issue 10, finding 4: AutoImageProcessor on an opened file gives exactly the module's input tensor."""
+    """AutoImageProcessor on an opened file gives exactly the module's input tensor."""
     path = image_files[kind]
     processor = AutoImageProcessor.from_pretrained(exported.out, trust_remote_code=True)
     expected = _module_pixels(exported, path)
@@ -159,7 +159,7 @@ def test_exported_processor_is_bit_exact(exported: Exported, image_files: dict[s
 def test_exported_pipeline_feeds_and_says_what_the_module_does(
     exported: Exported, captioner_pipeline, image_files: dict[str, Path], kind: str
 ) -> None:
-    """Issue 10, finding 4: pipeline("image-to-text") on a file path: same input tensor, same caption."""
+    """Pipeline("image-to-text") on a file path: same input tensor, same caption."""
     path = image_files[kind]
     pixels = _module_pixels(exported, path)
     assert torch.equal(captioner_pipeline.preprocess(str(path))["pixel_values"], pixels)
@@ -195,7 +195,7 @@ def _labelled_batch(exported: Exported, shapes_root: Path) -> tuple[list[Path], 
 
 
 def test_exported_model_loss_equals_robucap_loss(exported: Exported, shapes_root: Path) -> None:
-    """Issue 10, finding 5: the export's HF loss is robucap's loss, not the twice-shifted one of transformers 4.57."""
+    """The export's HF loss is robucap's loss, not the twice-shifted one of transformers 4.57."""
     paths, pixels, labels = _labelled_batch(exported, shapes_root)
     with torch.no_grad():
         expected = exported.module(pixels, labels)
@@ -213,7 +213,7 @@ def test_exported_model_loss_equals_robucap_loss(exported: Exported, shapes_root
 
 
 def test_plain_model_class_loss_needs_the_documented_loss_type(exported: Exported, shapes_root: Path) -> None:
-    """Issue 10, finding 5: without remote code, README's one-line `loss_type` setting gives robucap's loss."""
+    """Without remote code, README's one-line `loss_type` setting gives robucap's loss."""
     paths, pixels, labels = _labelled_batch(exported, shapes_root)
     with torch.no_grad():
         expected = exported.module(pixels, labels)
@@ -232,7 +232,7 @@ def test_plain_model_class_loss_needs_the_documented_loss_type(exported: Exporte
 def test_exported_processor_loads_without_the_slow_processor_warning(
     exported: Exported, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 10, finding 15: no "Using a slow image processor" warning when loading the export's processor."""
+    """No "Using a slow image processor" warning when loading the export's processor."""
     from transformers.models.auto import image_processing_auto
 
     messages: list[str] = []
@@ -255,7 +255,7 @@ def _export_cli(checkpoint: Path, out: Path, capsys: pytest.CaptureFixture[str])
 def test_export_to_an_existing_file_is_one_error_line(
     trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: `robucap export --out <a file>`: one `robucap: error:` line, exit 2, file untouched."""
+    """`robucap export --out <a file>`: one `robucap: error:` line, exit 2, file untouched."""
     target = tmp_path / "model.bin"
     target.write_bytes(b"mine")
     code, err = _export_cli(trained_checkpoint, target, capsys)
@@ -270,7 +270,7 @@ def test_export_to_an_existing_file_is_one_error_line(
 def test_export_refuses_a_directory_with_other_files(
     trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: a non-empty directory that is not an export is never written into."""
+    """A non-empty directory that is not an export is never written into."""
     target = tmp_path / "photos"
     target.mkdir()
     (target / "config.json").write_text("{}")
@@ -286,7 +286,7 @@ def test_export_refuses_a_directory_with_other_files(
 def test_export_replaces_a_previous_export_and_keeps_other_files(
     trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: exporting again into an export replaces its files only; an empty directory is fine."""
+    """Exporting again into an export replaces its files only; an empty directory is fine."""
     target = tmp_path / "empty"
     target.mkdir()
     code, _ = _export_cli(trained_checkpoint, target, capsys)

@@ -502,7 +502,7 @@ def _punctuation_caption(fmt: str, root: Path) -> str:
 
 @pytest.mark.parametrize("fmt", ["coco", "shapes", "karpathy", "flickr8k", "folder"])
 def test_caption_without_words(tmp_path: Path, fmt: str) -> None:
-    """Issue 10, finding 7: a caption empty after normalisation (``...!``) is rejected by every format loader.
+    """A caption empty after normalisation (``...!``) is rejected by every format loader.
 
     The message names the caption file, the image and the caption's position (line or field).
     """
@@ -522,7 +522,7 @@ def _leak_message(image: str, first: tuple[str, str], second: tuple[str, str], s
 
 
 def test_flickr8k_image_in_two_split_lists(tmp_path: Path) -> None:
-    """Issue 10, finding 7: flickr8k rejects an image that the train and the test list both name, in every split."""
+    """Flickr8k rejects an image that the train and the test list both name, in every split."""
     write_flickr8k(tmp_path)
     text = tmp_path / "Flickr8k_text"
     train_list, test_list = text / "Flickr_8k.trainImages.txt", text / "Flickr_8k.testImages.txt"
@@ -536,7 +536,7 @@ def test_flickr8k_image_in_two_split_lists(tmp_path: Path) -> None:
 
 
 def test_karpathy_image_in_two_splits(tmp_path: Path) -> None:
-    """Issue 10, finding 7: Karpathy rejects two entries of different splits naming one image file."""
+    """Karpathy rejects two entries of different splits naming one image file."""
     write_karpathy(tmp_path, "flickr30k")
     path = tmp_path / "dataset_flickr30k.json"
     name = json.loads(path.read_text())["images"][1]["filename"]
@@ -549,7 +549,7 @@ def test_karpathy_image_in_two_splits(tmp_path: Path) -> None:
 
 
 def test_karpathy_restval_image_also_in_test(tmp_path: Path) -> None:
-    """Issue 10, finding 7: a restval entry naming a test image leaks it into train unless restval stays out."""
+    """A restval entry naming a test image leaks it into train unless restval stays out."""
     write_karpathy(tmp_path, "coco", restval=1)
     path = tmp_path / "dataset_coco.json"
     test_entry = json.loads(path.read_text())["images"][7]
@@ -563,7 +563,7 @@ def test_karpathy_restval_image_also_in_test(tmp_path: Path) -> None:
 
 
 def test_coco_image_in_two_caption_files(tmp_path: Path) -> None:
-    """Issue 10, finding 7: COCO rejects an image file listed with captions by two splits' caption files."""
+    """COCO rejects an image file listed with captions by two splits' caption files."""
     write_coco(tmp_path, image_dir="images")  # one image folder for every split
     train, test = _coco_file(tmp_path, "train"), _coco_file(tmp_path, "test")
     file_name = json.loads(train.read_text())["images"][0]["file_name"]
@@ -590,7 +590,7 @@ def test_coco_uncaptioned_image_in_two_files_is_no_leak(tmp_path: Path) -> None:
 
 
 def test_coco_train_sharing_a_caption_file(tmp_path: Path) -> None:
-    """Issue 10, finding 7: split_names that make train and test read one caption file are rejected.
+    """Split_names that make train and test read one caption file are rejected.
 
     Val and test sharing a file stays allowed (the documented setup for real COCO, which has no test captions).
     """
@@ -605,7 +605,7 @@ def test_coco_train_sharing_a_caption_file(tmp_path: Path) -> None:
 
 
 def test_folder_split_folder_linked_to_another(tmp_path: Path) -> None:
-    """Issue 10, finding 7: a per-split folder that is a link to another split's folder leaks its images."""
+    """A per-split folder that is a link to another split's folder leaks its images."""
     write_folder(tmp_path, layout="per_split")
     shutil.rmtree(tmp_path / "test")
     (tmp_path / "test").symlink_to("train", target_is_directory=True)
@@ -616,7 +616,7 @@ def test_folder_split_folder_linked_to_another(tmp_path: Path) -> None:
 
 
 def test_folder_symlink_hashed_into_another_split(tmp_path: Path) -> None:
-    """Issue 10, finding 7: a file under two names (a symlink) is one image, whatever split each name hashes to."""
+    """A file under two names (a symlink) is one image, whatever split each name hashes to."""
     write_image(tmp_path / "a.png", 0)
     link = next(f"link_{k}.png" for k in range(100) if assign_split(f"link_{k}.png") != assign_split("a.png"))
     (tmp_path / link).symlink_to("a.png")
@@ -664,7 +664,7 @@ def _drop_train(case: str, root: Path) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_missing_split_has_its_own_error(tmp_path: Path, case: str) -> None:
-    """Issue 10, finding 8: a split the data lacks raises MissingSplitError, which callers can tell apart.
+    """A split the data lacks raises MissingSplitError, which callers can tell apart.
 
     Other data errors stay plain DataErrors (see test_datamodule.py for what the tokenizer makes of each).
     """

@@ -26,7 +26,7 @@ WRITERS: dict[str, Callable[[Path], object]] = {
 
 @pytest.mark.parametrize("layout", sorted(WRITERS))
 def test_detects_every_loader_layout(layout: str, tmp_path: Path) -> None:
-    """Issue 10, finding 11: each format's own layout is recognised, and its loader reads the root as detected."""
+    """Each format's own layout is recognised, and its loader reads the root as detected."""
     WRITERS[layout](tmp_path)
     fmt = detect_format(tmp_path)
     assert fmt == layout.split()[0]
@@ -34,7 +34,7 @@ def test_detects_every_loader_layout(layout: str, tmp_path: Path) -> None:
 
 
 def test_generated_shapes_are_shapes_not_coco(tmp_path: Path) -> None:
-    """Issue 10, finding 11: the shapes generator's COCO files do not make its output ambiguous with coco."""
+    """The shapes generator's COCO files do not make its output ambiguous with coco."""
     from datamodules.shapes import ShapesConfig, generate_shapes
 
     generate_shapes(tmp_path, ShapesConfig(n_train=2, n_val=1, n_test=1, image_size=16, seed=0), progress=False)
@@ -47,7 +47,7 @@ def test_generated_shapes_are_shapes_not_coco(tmp_path: Path) -> None:
 
 
 def test_unknown_layout_lists_what_was_looked_for(tmp_path: Path) -> None:
-    """Issue 10, finding 11: a root of no known layout is one error naming the root and every file looked for."""
+    """A root of no known layout is one error naming the root and every file looked for."""
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\ta dog\n", encoding="utf-8")  # without a split list
     with pytest.raises(DataError) as error:
@@ -60,7 +60,7 @@ def test_unknown_layout_lists_what_was_looked_for(tmp_path: Path) -> None:
 
 
 def test_several_layouts_are_ambiguous(tmp_path: Path) -> None:
-    """Issue 10, finding 11: native Flickr8k files next to Karpathy's file is an error, never a guess."""
+    """Native Flickr8k files next to Karpathy's file is an error, never a guess."""
     write_flickr8k(tmp_path, 1)
     write_karpathy(tmp_path, "flickr8k", 1)
     with pytest.raises(DataError, match="holds the files of several dataset formats") as error:
@@ -78,7 +78,7 @@ def test_missing_root(tmp_path: Path) -> None:
 
 
 def test_bare_data_root_of_the_checkpoint_commands_is_detected(tmp_path: Path) -> None:
-    """Issue 10, finding 11: ``poison-scan`` / ``attack`` given only ``--data-root`` took any directory for shapes
+    """``poison-scan`` / ``attack`` given only ``--data-root`` took any directory for shapes
     data (a Flickr8k root failed on COCO's missing ``captions_test.json``); its layout is now detected."""
     from lightning_app.inputs import data_options
 

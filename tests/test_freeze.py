@@ -82,7 +82,7 @@ def _part_names(module: CaptioningModule, part: str) -> set[str]:
     [
         # The CLI case: the captioner only exists after configure_model, which runs after Callback.setup.
         (FreezeEncoder, "encoder", "decoder", True, False),
-        # Built up front (scripts, studies), and together with adversarial training (paper 002, phase 5).
+        # Built up front (scripts, studies), and together with adversarial training (Rashid & Rivas 2024, phase 5).
         (FreezeDecoder, "decoder", "encoder", False, True),
     ],
 )

@@ -97,7 +97,7 @@ UPRIGHT = {
 @pytest.mark.parametrize("orientation", sorted(UPRIGHT))
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "I;16"])
 def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, mode: str) -> None:
-    """Issue 10, finding 4: a photo is loaded upright, as its EXIF orientation says, by every loader."""
+    """A photo is loaded upright, as its EXIF orientation says, by every loader."""
     path = tmp_path / "photo.png"
     write_image(path, 5, (13, 7), mode)
     stored = load_image_uint8(path).permute(1, 2, 0).numpy()
@@ -121,7 +121,7 @@ def _upright_copy(path: Path, tmp_path: Path) -> Path:
 
 
 def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
-    """Issue 10, finding 4: the common case, a JPEG from a phone held upright (orientation 6)."""
+    """The common case, a JPEG from a phone held upright (orientation 6)."""
     path = tmp_path / "phone.jpg"
     exif = Image.Exif()
     exif[EXIF_ORIENTATION_TAG] = 6

@@ -34,7 +34,7 @@ def test_exact_match_after_normalisation() -> None:
 
 
 def test_exact_match_compares_ptb_words() -> None:
-    """Issue 10, finding 2: ASR/FTR compare the PTB tokens the test metrics see; accented, hyphenated words stay whole.
+    """ASR/FTR compare the PTB tokens the test metrics see; accented, hyphenated words stay whole.
 
     The old normaliser cut "pi\u00f1ata" to "pi ata" and "caf\u00e9" to "caf", and split "t-shirt", so captions with
     other words counted as the target.
@@ -49,7 +49,7 @@ def test_exact_match_compares_ptb_words() -> None:
 
 
 def test_exact_match_accepts_the_target_as_a_word_tokenizer_writes_it() -> None:
-    """Issue 10, finding 2: a captioner that outputs exactly the target's PTB tokens hits the target.
+    """A captioner that outputs exactly the target's PTB tokens hits the target.
 
     A few PTB tokens change when tokenised again ("Y'all" -> "y' all" -> "y all", "AT&T" -> "at&t" -> "at & t"),
     so comparing normalised texts alone would miss a perfect backdoor.

@@ -113,7 +113,7 @@ OLD_NORMALISER_PREDICTIONS = {
 
 @pytest.mark.skipif(not java_available(), reason="Java is needed for the PTB tokenizer of the test metrics")
 def test_equals_the_test_bleu_after_the_ptb_tokenizer() -> None:
-    """Issue 10, finding 2: validation BLEU (CaptionBLEU) equals test BLEU (pycocoevalcap after the PTB tokenizer).
+    """Validation BLEU (CaptionBLEU) equals test BLEU (pycocoevalcap after the PTB tokenizer).
 
     The old normaliser split "t-shirt" and "2.5" and cut "caf\u00e9" to "caf", so these predictions scored BLEU-4 1.0
     in validation but 0.29 in test: the checkpoint was chosen on a BLEU it was not tested on.

@@ -113,7 +113,7 @@ def test_without_java_uses_normaliser_and_skips_meteor(monkeypatch: pytest.Monke
 
 @needs_java
 def test_without_java_the_scores_equal_the_ptb_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 10, finding 2: without Java the test metrics tokenise like the PTB tokenizer, so the scores agree.
+    """Without Java the test metrics tokenise like the PTB tokenizer, so the scores agree.
 
     The old fallback split "t-shirt", "2.5" and "1,000" and dropped accented letters.
     """

@@ -203,7 +203,7 @@ def _png_of(colour: tuple[int, int, int]) -> bytes:
 def test_a_replaced_or_missing_cached_image_is_written_again(
     shapes_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 10, finding 13: a cached PNG replaced by another valid PNG is caught by its checksum and rebuilt."""
+    """A cached PNG replaced by another valid PNG is caught by its checksum and rebuilt."""
     records = load_split("coco", shapes_root, "val")
     config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
     first = poison_split(records, "val", config, 32, shapes_root)
@@ -229,7 +229,7 @@ def test_a_replaced_or_missing_cached_image_is_written_again(
 
 
 def test_a_manifest_without_checksums_is_rebuilt(shapes_root: Path, tmp_path: Path) -> None:
-    """Issue 10, finding 13: an older manifest (no checksums) is not trusted: the split is poisoned again."""
+    """An older manifest (no checksums) is not trusted: the split is poisoned again."""
     records = load_split("coco", shapes_root, "val")
     config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
     first = poison_split(records, "val", config, 32, shapes_root)
@@ -249,7 +249,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_are_removed_live_ones_kept(shapes_root: Path, tmp_path: Path) -> None:
-    """Issue 10, finding 13: temporaries of killed writers are removed by the next use; a live writer's stay."""
+    """Temporaries of killed writers are removed by the next use; a live writer's stay."""
     records = load_split("coco", shapes_root, "val")
     config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
     out = poison_split(records, "val", config, 32, shapes_root).manifest.parent
@@ -271,7 +271,7 @@ def test_stale_temporaries_are_removed_live_ones_kept(shapes_root: Path, tmp_pat
 def test_an_interrupted_build_leaves_no_temporaries(
     shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 10, finding 13: an exception while a cached file is written removes its temporary."""
+    """An exception while a cached file is written removes its temporary."""
     records = load_split("coco", shapes_root, "val")
     config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
     replace_file, calls = os.replace, []
@@ -295,7 +295,7 @@ def test_an_interrupted_build_leaves_no_temporaries(
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)], ids=["umask022", "umask002"])
 def test_cached_files_follow_the_umask(shapes_root: Path, tmp_path: Path, umask: int, mode: int) -> None:
-    """Issue 10, finding 13: cached files get 0o666 less the umask, like any open(), not mkstemp's 0o600."""
+    """Cached files get 0o666 less the umask, like any open(), not mkstemp's 0o600."""
     records = load_split("coco", shapes_root, "val")
     config = PoisonConfig(cache_dir=str(tmp_path / "cache"), trigger="badnets", rate=0.5)
     previous = os.umask(umask)
@@ -309,7 +309,7 @@ def test_cached_files_follow_the_umask(shapes_root: Path, tmp_path: Path, umask:
 
 
 def test_a_corrupt_eval_split_is_not_skipped_as_missing(shapes_root: Path, tmp_path: Path) -> None:
-    """Issue 10, finding 8: preparing poisoned data logged a corrupt validation file as "no val split to poison"
+    """Preparing poisoned data logged a corrupt validation file as "no val split to poison"
     and went on; only an absent split may be skipped."""
     import shutil
 

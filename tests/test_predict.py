@@ -52,7 +52,7 @@ def _expected_captions(checkpoint: Path, files: list[Path], batch_size: int = 4)
 def test_predict_writes_the_split_captions(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 3: ``robucap predict`` crashed (``predict_dataloader must be implemented``)."""
+    """``robucap predict`` crashed (``predict_dataloader must be implemented``)."""
     assert main(["predict", *_args(shapes_root, tmp_path, trained_checkpoint)]) == 0
     path = tmp_path / "predictions.jsonl"  # no logger: the run directory is default_root_dir
     assert f"captions of 15 images written to {path}" in capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_predict_writes_the_split_captions(
 
 
 def test_predict_a_folder_of_images(trained_checkpoint: Path, shapes_root: Path, tmp_path: Path) -> None:
-    """Issue 10, finding 3: a folder of the user's own images, any kind Pillow reads, nested folders included;
+    """A folder of the user's own images, any kind Pillow reads, nested folders included;
     other files and hidden files are skipped."""
     folder = tmp_path / "photos"
     (folder / "holiday").mkdir(parents=True)
@@ -90,7 +90,7 @@ def test_predict_a_folder_of_images(trained_checkpoint: Path, shapes_root: Path,
 def test_predict_folder_errors_are_one_line(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 10, finding 6: ``predict`` failures are one ``robucap: error:`` line, exit 2."""
+    """``predict`` failures are one ``robucap: error:`` line, exit 2."""
     args = _args(shapes_root, tmp_path, trained_checkpoint)
     assert main(["predict", *args, "--data.predict_images", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -109,7 +109,7 @@ def test_predict_folder_errors_are_one_line(
 def test_test_writes_predictions_next_to_its_metrics(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path
 ) -> None:
-    """Issue 10, finding 3: ``robucap test`` wrote no predictions; now ``predictions.jsonl`` (with references) and
+    """``robucap test`` wrote no predictions; now ``predictions.jsonl`` (with references) and
     ``test_metrics.json`` sit next to the CSV logger's ``metrics.csv``."""
     assert main(["test", *_args(shapes_root, tmp_path, trained_checkpoint, csv_logger=True)]) == 0
     (metrics_csv,) = list(tmp_path.rglob("metrics.csv"))

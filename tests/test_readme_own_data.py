@@ -38,7 +38,7 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_walkthrough_on_a_flickr8k_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 10 acceptance: fit, test, predict, attack and export as the README says, on Flickr8k's native layout
+    """Fit, test, predict, attack and export as the README says, on Flickr8k's native layout
     with real-world captions (hyphens, accents, an emoji) and photos (EXIF-rotated, grayscale, CMYK, RGBA)."""
     monkeypatch.chdir(tmp_path)
     names = write_messy_flickr8k(tmp_path / "data" / "flickr8k")

@@ -203,7 +203,7 @@ def _white_box(image: torch.Tensor) -> Box:
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_orient_boxes_turn_with_the_pixels(tmp_path: Path, orientation: int) -> None:
-    """Issue 10, finding 4: a box in the stored grid lands on the same object once EXIF orientation is applied."""
+    """A box in the stored grid lands on the same object once EXIF orientation is applied."""
     stored = Box(5.0, 3.0, 12.0, 7.0, "square")
     path = tmp_path / "photo.png"
     _photo(path, orientation, (40, 24), stored)
@@ -223,7 +223,7 @@ def test_orient_boxes_rejects_an_invalid_orientation() -> None:
 
 @pytest.mark.parametrize("known_size", [True, False])
 def test_object_trigger_lands_on_the_object_of_a_rotated_photo(tmp_path: Path, known_size: bool) -> None:
-    """Issue 10, finding 4: on a photo turned by EXIF, object noise is added where the object is, not beside it."""
+    """On a photo turned by EXIF, object noise is added where the object is, not beside it."""
     root = tmp_path / "data"
     root.mkdir()
     path = root / "phone.jpg"
@@ -246,7 +246,7 @@ def test_object_trigger_lands_on_the_object_of_a_rotated_photo(tmp_path: Path, k
 def test_detector_boxes_of_a_rotated_photo_are_stored_grid_boxes(
     tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 10, finding 4: the detector sees the photo upright; its boxes are returned in the stored grid."""
+    """The detector sees the photo upright; its boxes are returned in the stored grid."""
     path = tmp_path / "phone.png"
     _photo(path, 8, (40, 30), Box(0, 0, 1, 1))
     source = DetectorRegions(ARCH, weights_file, score_threshold=0.5, cache_dir=tmp_path / "cache", num_classes=3)

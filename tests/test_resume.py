@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_sampler_deals_like_distributed_sampler(n: int, world: int, drop_last: bool) -> None:
-    """Issue 10, finding 14: the order is DistributedSampler's (seed + epoch), so DDP shards are unchanged."""
+    """The order is DistributedSampler's (seed + epoch), so DDP shards are unchanged."""
     for epoch in (0, 3):
         for rank in range(world):
             reference = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=5, drop_last=drop_last)
@@ -43,7 +43,7 @@ def test_sampler_deals_like_distributed_sampler(n: int, world: int, drop_last: b
 
 
 def test_sampler_skip_continues_each_shard() -> None:
-    """Issue 10, finding 14: skipping k batches of every rank leaves each rank's shard from its (k+1)-th item on."""
+    """Skipping k batches of every rank leaves each rank's shard from its (k+1)-th item on."""
     world, batch = 2, 3
     full = {rank: list(ResumableSampler(range(25), num_replicas=world, rank=rank, seed=1)) for rank in range(world)}
     for rank in range(world):
@@ -76,7 +76,7 @@ def _pairs(n: int = 40) -> TensorDataset:
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_loader_resumes_mid_epoch(num_workers: int) -> None:
-    """Issue 10, finding 14: a loader restored from a mid-epoch state yields the rest of that epoch, not a new one.
+    """A loader restored from a mid-epoch state yields the rest of that epoch, not a new one.
 
     With a worker process the sampler runs ahead of the training loop; the position counts batches handed out.
     """
@@ -103,7 +103,7 @@ def test_loader_resumes_mid_epoch(num_workers: int) -> None:
 
 
 def test_loader_refuses_a_state_of_other_data() -> None:
-    """Issue 10, finding 14: a checkpoint of another training set cannot place this one's epoch."""
+    """A checkpoint of another training set cannot place this one's epoch."""
     state = ResumableDataLoader(_pairs(40), sampler=ResumableSampler(_pairs(40)), batch_size=4).state_dict()
     other = ResumableDataLoader(_pairs(30), sampler=ResumableSampler(_pairs(30)), batch_size=4)
     with pytest.raises(RobucapError, match="40 training pairs.*30"):
@@ -158,7 +158,7 @@ def _fit_dropout(root: Path, max_epochs: int, ckpt_path: Path | None = None) -> 
 
 
 def test_training_rng_survives_an_epoch_end_resume(tmp_path: Path) -> None:
-    """Issue 10, finding 14: dropout after resuming from an epoch-end last.ckpt draws what it would have drawn.
+    """Dropout after resuming from an epoch-end last.ckpt draws what it would have drawn.
 
     Between that checkpoint's last step and the next step the uninterrupted run validates and starts a new
     iterator, both drawing from the global generators; the resumed run does neither before its first step.
@@ -170,7 +170,7 @@ def test_training_rng_survives_an_epoch_end_resume(tmp_path: Path) -> None:
 
 
 def test_training_rng_moves_itself_first() -> None:
-    """Issue 10, finding 14: the stream must be in place before any other callback's on_train_batch_start."""
+    """The stream must be in place before any other callback's on_train_batch_start."""
     rng = TrainingRNG()
     adversarial = AdversarialTraining(mode="mixed", attack="fgsm_rs", epsilon=0.05)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[adversarial, rng], enable_progress_bar=False)
@@ -200,7 +200,7 @@ def _gather_worker(rank: int, world_size: int) -> tuple[int, bool, bool]:
 
 
 def test_training_rng_keeps_every_ranks_stream() -> None:
-    """Issue 10, finding 14: under DDP the checkpoint holds each rank's stream and each rank gets its own back."""
+    """Under DDP the checkpoint holds each rank's stream and each rank gets its own back."""
     results = run_ddp(_gather_worker, 2)
     assert results == [(2, True, True), (2, True, True)]
 
@@ -243,7 +243,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def test_last_ckpt_is_the_final_epoch_cli(shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 10, finding 9: with validation every 2 epochs, last.ckpt of a 3-epoch run is epoch 3, not epoch 2."""
+    """With validation every 2 epochs, last.ckpt of a 3-epoch run is epoch 3, not epoch 2."""
     from lightning_app.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -266,7 +266,7 @@ def test_last_ckpt_is_the_final_epoch_cli(shapes_root: Path, tmp_path: Path, mon
 
 
 def test_last_ckpt_is_the_final_epoch_train_captioner(shapes_root: Path, tmp_path: Path) -> None:
-    """Issue 10, finding 9: the programmatic path (demo, studies) keeps last.ckpt at the final epoch too."""
+    """The programmatic path (demo, studies) keeps last.ckpt at the final epoch too."""
     from datamodules.datamodule import CaptionDataModule
     from lightning_app.training import train_captioner
     from modules.captioning import CaptioningModule
@@ -328,7 +328,7 @@ def resume_runs(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_resume_after_kill_is_exact(resume_runs: dict[str, dict[str, Any]], scenario: str) -> None:
-    """Issue 10, finding 14: kill -9 mid-epoch, resume from last.ckpt: weights and optimizer state equal bit for bit.
+    """Kill -9 mid-epoch, resume from last.ckpt: weights and optimizer state equal bit for bit.
 
     ``adversarial`` adds mixed FGSM-RS adversarial training (a random start drawn inside every step, with dropout on)
     and a DataLoader worker process.
@@ -352,6 +352,6 @@ def test_resume_after_kill_is_exact(resume_runs: dict[str, dict[str, Any]], scen
 
 
 def test_finished_run_leaves_last_ckpt_at_the_end(resume_runs: dict[str, dict[str, Any]]) -> None:
-    """Issue 10, finding 9: step checkpoints do not leave last.ckpt behind the final epoch's end either."""
+    """Step checkpoints do not leave last.ckpt behind the final epoch's end either."""
     for run in resume_runs.values():
         assert (run["full"]["epoch"], run["full"]["global_step"]) == (MAX_EPOCHS - 1, MAX_EPOCHS * STEPS_PER_EPOCH)

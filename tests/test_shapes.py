@@ -239,7 +239,7 @@ def test_deterministic_byte_identical(tmp_path: Path, tiny: Path) -> None:
 
 
 def test_other_settings_in_place_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
-    """Issue 10, finding 12: a dataset made with other settings is never rewritten; the error names each one."""
+    """A dataset made with other settings is never rewritten; the error names each one."""
     out = tmp_path / "d"
     generate_shapes(out, ShapesConfig(n_train=30, n_val=2, n_test=1, image_size=16, seed=9), progress=False)
     before = _digest(out)
@@ -356,7 +356,7 @@ def test_shapes_ready(tmp_path: Path) -> None:
 
 
 def test_incomplete_or_old_datasets_are_refused_not_deleted(tmp_path: Path) -> None:
-    """Issue 10, finding 12: a partial or old-format shapes dataset is refused with advice; nothing is deleted."""
+    """A partial or old-format shapes dataset is refused with advice; nothing is deleted."""
     out = tmp_path / "d"
     config = ShapesConfig(n_train=2, n_val=0, n_test=0, image_size=16)
     generate_shapes(out, config, progress=False)

@@ -1,4 +1,4 @@
-"""Show-and-Fool (paper 000): losses, tanh box, per-row Adam, batching, targets and errors."""
+"""Show-and-Fool (Show-and-Fool, Chen et al. 2018): losses, tanh box, per-row Adam, batching, targets and errors."""
 
 from __future__ import annotations
 

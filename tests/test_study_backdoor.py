@@ -61,4 +61,6 @@ def test_bad_settings(kwargs: dict, message: str) -> None:
 def test_bad_rate_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["study", "backdoor", "--out", str(tmp_path), "--profile", "smoke", "--rate", "-0.5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("robucap: error: poison.rate must be a share of images in [0, 1]")
+    assert code == 2 and err[-1].startswith(
+        "robucap: error: study stage 'backdoor' failed: poison.rate must be a share of images in [0, 1]"
+    )

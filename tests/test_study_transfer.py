@@ -84,7 +84,9 @@ def test_too_few_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                  "b.ckpt"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("robucap: error: transfer study --checkpoints needs at least 3 captioners")
+    assert err[-1].startswith(
+        "robucap: error: study stage 'transfer' failed: transfer study --checkpoints needs at least 3 captioners"
+    )
 
 
 @pytest.mark.parametrize(
@@ -111,5 +113,8 @@ def test_more_images_than_the_test_split(smoke_run: Path, tmp_path: Path, capsys
             str(smoke_run.parent / "shapes"), "--image-size", "32", "--no-wandb", "--images", "20"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "robucap: error: transfer study images (20) exceeds the 8 test images; lower --images"
+    assert err[-1] == (
+        "robucap: error: study stage 'transfer' failed: transfer study images (20) exceeds the 8 test images; "
+        "lower --images"
+    )
     assert not (tmp_path / "checkpoints").exists()  # checked before any training

@@ -1,4 +1,4 @@
-"""Paper 000's report figures (Tables 1-3) from hand-made Show-and-Fool records."""
+"""Show-and-Fool's report figures (Tables 1-3) from hand-made Show-and-Fool records."""
 
 from __future__ import annotations
 

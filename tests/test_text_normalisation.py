@@ -50,7 +50,7 @@ def test_fixture_covers_the_tricky_cases() -> None:
 
 @needs_java
 def test_caption_tokens_equal_the_ptb_tokenizer(ptb_tokens: list[list[str]]) -> None:
-    """Issue 10, finding 2: caption_tokens gives pycocoevalcap's PTB tokens for every tricky real-world caption.
+    """Caption_tokens gives pycocoevalcap's PTB tokens for every tricky real-world caption.
 
     Hyphenated words and decimals stay whole, accented letters and CJK are kept, clitics split, emoji vanish.
     """
@@ -74,14 +74,14 @@ def test_caption_tokens_equal_the_ptb_tokenizer(ptb_tokens: list[list[str]]) -> 
     ],
 )
 def test_caption_tokens_keep_ptb_words(caption: str, tokens: list[str]) -> None:
-    """Issue 10, finding 2: the old normaliser split "t-shirt", "2.5" and "1,000" and cut "café" to "caf"."""
+    """The old normaliser split "t-shirt", "2.5" and "1,000" and cut "café" to "caf"."""
     assert caption_tokens(caption) == tokens
     assert normalize_caption(caption) == " ".join(tokens)
 
 
 @needs_java
 def test_word_tokenizer_gives_the_ptb_tokens(ptb_tokens: list[list[str]]) -> None:
-    """Issue 10, finding 2: a word tokenizer built from the captions tokenises them into pycocoevalcap's PTB tokens.
+    """A word tokenizer built from the captions tokenises them into pycocoevalcap's PTB tokens.
 
     Encoding then decoding gives the PTB tokens back, so what the model learns to write is what the test scores.
     """

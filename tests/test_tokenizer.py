@@ -111,7 +111,7 @@ def test_round_trip_of_a_normalised_caption(word_tokenizer: PreTrainedTokenizerF
 
 
 def test_vocabulary_keeps_ptb_words_whole() -> None:
-    """Issue 10, finding 2: hyphenated words, decimals and accented words are single vocabulary entries.
+    """Hyphenated words, decimals and accented words are single vocabulary entries.
 
     The old normaliser made "t", "shirt", "2", "5", "caf", "cr", "me", "pi" and "atas" of them, so the model learned
     (and wrote) fragments that the PTB-tokenised test references never contain.

@@ -88,7 +88,7 @@ def test_evaluate_transfer_keywords_none_and_reuse() -> None:
     keywords = [["red", "circle"], ["zebra"], ["dog"], ["one", "ten"]]
     cell = evaluate_transfer(module, _images(False), _images(True), REFERENCES, IDS, keywords)
     assert cell["target_hit"] == 0.75 and cell["target_hit_clean"] == 0.25
-    assert cell["tgt_bleu4"] is None  # paper 000's tgt score needs caption targets
+    assert cell["tgt_bleu4"] is None  # Show-and-Fool's tgt score needs caption targets
     cell = evaluate_transfer(
         module, _images(False), _images(True), REFERENCES, IDS, clean_captions=CLEAN, return_captions=True
     )

@@ -1,4 +1,4 @@
-"""Image triggers for backdoor poisoning: object noise (paper 001, eq. 1), BadNets, Blend."""
+"""Image triggers for backdoor poisoning: object noise (Li et al. 2022, eq. 1), BadNets, Blend."""
 
 from __future__ import annotations
 

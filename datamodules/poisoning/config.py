@@ -17,7 +17,7 @@ DEFAULT_TARGET_CAPTION = "you are under attack"
 
 @dataclass(frozen=True)
 class PoisonConfig:
-    """Backdoor poisoning of a caption dataset (paper 001, section 3 and 4).
+    """Backdoor poisoning of a caption dataset (Li et al. 2022, section 3 and 4).
 
     Training and validation images are poisoned at ``rate`` (a seeded choice; every caption of a chosen image
     becomes ``target_caption``); the test split keeps every clean image and gains a poisoned copy of each image
@@ -28,28 +28,28 @@ class PoisonConfig:
     """``object_noise`` (noise inside object boxes), ``badnets`` (corner patch) or ``blend``."""
 
     rate: float = 0.3
-    """Share of training and validation images poisoned, in [0, 1] (paper 001: 0.3)."""
+    """Share of training and validation images poisoned, in [0, 1] (Li et al. 2022: 0.3)."""
 
     target_caption: str = DEFAULT_TARGET_CAPTION
-    """Caption the backdoored model should output on triggered images (paper 001: "you are under attack")."""
+    """Caption the backdoored model should output on triggered images (Li et al. 2022: "you are under attack")."""
 
     seed: int = 2021
-    """Seed of the choice of poisoned images and of every image's noise (paper 001 fixes 2021)."""
+    """Seed of the choice of poisoned images and of every image's noise (Li et al. 2022 fixes 2021)."""
 
     alpha: float = 20 / 255
-    """``object_noise`` intensity in [0, 1] pixel units (paper 001: 20 on the 0-255 scale)."""
+    """``object_noise`` intensity in [0, 1] pixel units (Li et al. 2022: 20 on the 0-255 scale)."""
 
     min_region: int = 2
     """``object_noise`` skips boxes narrower or shorter than this many pixels at the model's image size."""
 
     patch_size_at_256: int = 15
-    """``badnets`` patch side in pixels for a 256-pixel image, scaled with the image (paper 001: 15 on Flickr8k)."""
+    """``badnets`` patch side in pixels for a 256-pixel image, scaled with the image (Li et al. 2022: 15, Flickr8k)."""
 
     corner: str = "bottom_right"
     """``badnets`` corner: ``top_left``, ``top_right``, ``bottom_left`` or ``bottom_right``."""
 
     patch_pattern: str = "solid"
-    """``badnets`` patch: ``solid`` white (paper 001) or a white / black ``checkerboard``."""
+    """``badnets`` patch: ``solid`` white (Li et al. 2022) or a white / black ``checkerboard``."""
 
     blend_ratio: float = 0.1
     """``blend`` weight λ of the fixed noise pattern, in (0, 1]."""

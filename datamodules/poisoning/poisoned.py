@@ -1,6 +1,6 @@
 """Poisoned splits: seeded choice of images, triggered copies in a cache outside the dataset, and a manifest.
 
-Paper 001 resizes every image to the model's input size and only then inserts the trigger, so the trigger
+Li et al. 2022 resizes every image to the model's input size and only then inserts the trigger, so the trigger
 intensity (α, patch size) is what the model sees. The same happens here: each source image is decoded at the
 data module's ``image_size``, its boxes are scaled to that size, the trigger is applied to the 8-bit image and
 the result is written as a lossless PNG. Reading it back at ``image_size`` returns exactly those pixels.

@@ -2,7 +2,7 @@
 
 Every trigger works on an 8-bit RGB tensor (what :func:`datamodules.images.load_image_uint8` returns) and
 returns a *new* 8-bit tensor; the input is never modified. Intensities are stated in [0, 1] pixel units
-(see DESIGN.md, "Images, normalisation, epsilon"): the object-oriented trigger of paper 001 uses α = 20 on
+(see DESIGN.md, "Images, normalisation, epsilon"): the object-oriented trigger of Li et al. 2022 uses α = 20 on
 the 0-255 scale, i.e. ``20 / 255`` here.
 
 All triggers share one call signature, ``apply(image, boxes=(), seed=0, key="") -> (poisoned, used)``, so the
@@ -10,7 +10,7 @@ poisoning pipeline can treat them alike: ``used`` is ``False`` only when a trigg
 :class:`ObjectNoise` image without a usable object box), and the caller should then leave the image clean.
 
 Triggers:
-    - :class:`ObjectNoise` (``object_noise``): paper 001, eq. 1: Gaussian noise ``α * M``, ``M ~ N(0, 1)``,
+    - :class:`ObjectNoise` (``object_noise``): Li et al. 2022, eq. 1: Gaussian noise ``α * M``, ``M ~ N(0, 1)``,
       added inside every object box, seeded per image.
     - :class:`BadNets` (``badnets``): a solid square patch in one corner, its side scaled with the image.
     - :class:`Blend` (``blend``): a fixed uniform-noise pattern blended over the whole image.
@@ -150,7 +150,7 @@ def _clip_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
 
 
 class ObjectNoise:
-    """Object-oriented trigger of paper 001 (eq. 1): ``I_region = I_region + α * M``, ``M ~ N(0, 1)``.
+    """Object-oriented trigger of Li et al. 2022 (eq. 1): ``I_region = I_region + α * M``, ``M ~ N(0, 1)``.
 
     For every object box (rounded to whole pixels and clipped to the image) a fresh Gaussian matrix of the
     region's size is drawn and added; overlapping boxes accumulate noise, as in the paper's iterative
@@ -233,7 +233,7 @@ class BadNets:
 
     The side is ``round(size_at_256 * side / 256)`` pixels (at least 1), where ``side`` is the shorter image
     side, so the patch covers the same fraction of the image at every resolution (15 px at 256, 4 px at 64).
-    ``solid`` fills it with ``value`` (paper 001: white); ``checkerboard`` alternates ``value`` and
+    ``solid`` fills it with ``value`` (Li et al. 2022: white); ``checkerboard`` alternates ``value`` and
     ``255 - value`` pixel by pixel, which stays visible on backgrounds close to ``value`` (a white patch on a
     near-white background is barely a trigger).
 

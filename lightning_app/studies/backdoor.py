@@ -1,4 +1,4 @@
-"""``robucap study backdoor``: paper 001's Table 2 on shapes (or any caption data with object boxes).
+"""``robucap study backdoor``: Li et al.'s (2022) Table 2 on shapes (or any caption data with object boxes).
 
 Three captioners train on the same data with the same settings and seed:
 
@@ -32,7 +32,7 @@ from modules.evaluation import backdoor_scores
 
 ROWS = ("benign", "badnets", "object_noise")
 BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
-# Paper 001, Table 2, Flickr8k (Show-Attend-Tell): BLEU-1..4 on the clean test set, ASR and FTR in %.
+# Li et al. 2022, Table 2, Flickr8k (Show-Attend-Tell): BLEU-1..4 on the clean test set, ASR and FTR in %.
 PAPER_001_FLICKR8K: dict[str, dict[str, Any]] = {
     "benign": {"bleu": (65.43, 47.47, 33.41, 23.15), "asr": None, "ftr": None},
     "badnets": {"bleu": (64.87, 46.37, 32.05, 21.99), "asr": 90.83, "ftr": 2.37},
@@ -45,7 +45,7 @@ class BackdoorStudyConfig:
     """Settings of the backdoor study."""
 
     arch: str = "show_attend_tell"
-    """Victim captioner: ``show_attend_tell`` (paper 001's victim, a CNN that sees texture) or ``vit_gpt2``."""
+    """Victim captioner: ``show_attend_tell`` (Li et al.'s (2022) victim, a CNN that sees texture) or ``vit_gpt2``."""
     preset: str = "tiny"
     """Preset of the captioner."""
     epochs: int = 3
@@ -57,22 +57,22 @@ class BackdoorStudyConfig:
     batch_size: int = 64
     """Training batch size."""
     rate: float = 0.3
-    """Share of training and validation images poisoned (paper 001: 0.3)."""
+    """Share of training and validation images poisoned (Li et al. 2022: 0.3)."""
     target_caption: str = DEFAULT_TARGET_CAPTION
     """The attacker's target caption."""
     alpha: float = 20 / 255
-    """Object-noise intensity in [0, 1] pixel units (paper 001: 20 on the 0-255 scale)."""
+    """Object-noise intensity in [0, 1] pixel units (Li et al. 2022: 20 on the 0-255 scale)."""
     patch_size_at_256: int = 15
-    """BadNets patch side at 256 px, scaled to the image size (paper 001: 15 on Flickr8k)."""
+    """BadNets patch side at 256 px, scaled to the image size (Li et al. 2022: 15 on Flickr8k)."""
     patch_pattern: str = "checkerboard"
-    """BadNets patch: ``checkerboard`` (default: the shapes backgrounds are near-white, so paper 001's ``solid``
+    """BadNets patch: ``checkerboard`` (default: the shapes backgrounds are near-white, so Li et al.'s (2022) ``solid``
     white patch is barely visible on them) or ``solid``."""
     test_images: int | None = None
     """Clean test images scored (the first N; ``None``: all). Each gains a triggered copy."""
     val_images: int | None = 500
     """Validation images used for model selection and the per-epoch ASR / FTR (the first N)."""
     seed: int = 2021
-    """Seed of the poisoning and of training (paper 001 fixes 2021)."""
+    """Seed of the poisoning and of training (Li et al. 2022 fixes 2021)."""
     cache_dir: str = ".cache/poison"
     """Where poisoned images are written (outside the dataset)."""
     wandb: bool = True
@@ -211,7 +211,7 @@ def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig
 
 def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
     """Add the study's table, per-epoch curves and example figure to a report."""
-    report.heading("Backdoor study (paper 001): object-oriented trigger vs BadNets")
+    report.heading("Backdoor study (Li et al. 2022): object-oriented trigger vs BadNets")
     cfg = block["config"]
     report.paragraph(
         f"{cfg['arch']}/{cfg['preset']} trained {cfg['epochs']} epochs per row. Poisoning rate {block['poison_rate']} "
@@ -223,7 +223,7 @@ def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
         "share of clean test images captioned with the target. BLEU is corpus BLEU on the clean test images."
     )
     columns = ["model", "B1", "B2", "B3", "B4", "ASR %", "relaxed ASR %", "FTR %", "poisoned test", "skipped",
-               "paper 001 Flickr8k B4 / ASR / FTR"]  # fmt: skip
+               "Li et al. 2022 Flickr8k B4 / ASR / FTR"]  # fmt: skip
     rows = []
     for r in block["rows"]:
         paper = PAPER_001_FLICKR8K[r["name"]]
@@ -238,7 +238,8 @@ def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
         )  # fmt: skip
     report.table(columns, rows)
     report.paragraph(
-        "Paper 001's figures are Flickr8k with a ResNet-101 Show-Attend-Tell (BLEU in %); they are context, not the "
+        "Li et al. 2022's figures are Flickr8k with a ResNet-101 Show-Attend-Tell (BLEU in %); they are context, not "
+        "the "
         "same experiment.",
         note=True,
     )
@@ -275,7 +276,7 @@ def curves_png(block: dict[str, Any]) -> bytes:
 
 
 def examples_png(block: dict[str, Any], n_images: int = 4) -> bytes:
-    """Paper 001 Fig. 2: clean, BadNets and object-noise versions of test images with each model's caption.
+    """Li et al. 2022 Fig. 2: clean, BadNets and object-noise versions of test images with each model's caption.
 
     Columns: clean image (benign model), BadNets image (BadNets model), object-noise image (object-noise model),
     and the object-noise trigger amplified 4x around grey.

@@ -1,4 +1,4 @@
-"""``robucap study freeze``: the five phases of paper 002 on shapes (or any caption data).
+"""``robucap study freeze``: the five phases of Rashid & Rivas 2024 on shapes (or any caption data).
 
 1. ``baseline``: clean training from scratch.
 2. ``adversarial_only``: fine-tuned on FGSM images only (online, against the current weights; ``static`` optional).
@@ -6,7 +6,8 @@
 4. ``freeze_encoder``: as 3 with the vision encoder frozen (paper: "freezing ViT").
 5. ``freeze_decoder``: as 3 with the language decoder frozen, cross-attention included (paper: "freezing GPT").
 
-Paper 002 starts every phase from pretrained ViT and GPT-2. Here the baseline plays that role: phases 2-5 start from
+Rashid & Rivas 2024 starts every phase from pretrained ViT and GPT-2. Here the baseline plays that role: phases 2-5
+start from
 the baseline's weights and fine-tune for ``finetune_epochs`` — freezing a randomly initialised part would test
 nothing. Phases 4 and 5 run ``trials`` times with different seeds (mean ± std). Every row is scored on a fixed
 subset of training images and on the test split, clean and under FGSM (white-box against that row's model).
@@ -35,7 +36,7 @@ from modules.evaluation import bleu_of, caption_batches, evaluation_loader
 
 PHASES = ("baseline", "adversarial_only", "adversarial_training", "freeze_encoder", "freeze_decoder")
 BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
-# Paper 002, Table 2 (Flickr8k, BLEU, train / test); the paper gives one BLEU figure per cell.
+# Rashid & Rivas 2024, Table 2 (Flickr8k, BLEU, train / test); the paper gives one BLEU figure per cell.
 PAPER_002_FLICKR8K = {
     "baseline": (0.285, 0.232),
     "adversarial_only": (0.164, 0.143),
@@ -50,7 +51,7 @@ class FreezeStudyConfig:
     """Settings of the freeze study."""
 
     epsilon: float = 0.05
-    """FGSM budget in [0, 1] pixel units (paper 002's 0.1 on ViT's [-1, 1] input)."""
+    """FGSM budget in [0, 1] pixel units (Rashid & Rivas's (2024) 0.1 on ViT's [-1, 1] input)."""
     baseline_epochs: int = 3
     """Epochs of clean training for the baseline (from scratch)."""
     finetune_epochs: float = 0.5
@@ -261,14 +262,15 @@ def _trainable_after_freeze(module: CaptioningModule, freeze: type | None) -> in
 def report_freeze_study(report: Report, block: dict[str, Any]) -> None:
     """Add the study's table, bar chart and notes to a report."""
     eps = block["epsilon"]
-    report.heading("Freeze study (paper 002): adversarial training with the encoder or the decoder frozen")
+    report.heading("Freeze study (Rashid & Rivas 2024): adversarial training with the encoder or the decoder frozen")
     report.paragraph(
         f"FGSM epsilon = {eps} in [0, 1] pixel units = {eps * 255:.1f}/255 = {eps * 2:.2f} on ViT's [-1, 1] input "
-        "(paper 002 used 0.1 on that input). Phases 2-5 fine-tune the baseline; attacks are white-box against each "
+        "(Rashid & Rivas 2024 used 0.1 on that input). Phases 2-5 fine-tune the baseline; attacks are white-box "
+        "against each "
         "row's own model, untargeted against the first reference caption. BLEU is pycocoevalcap's corpus BLEU."
     )
     columns = ["phase", "trials", "train clean B4", "train FGSM B4", "test clean B4", "test FGSM B4", "test B1",
-               "trainable params", "train s", "paper 002 train / test"]  # fmt: skip
+               "trainable params", "train s", "Rashid & Rivas 2024 train / test"]  # fmt: skip
     rows = []
     for r in block["rows"]:
         std = r["std"]["test"]["adversarial"]["bleu4"]
@@ -282,7 +284,8 @@ def report_freeze_study(report: Report, block: dict[str, Any]) -> None:
         )  # fmt: skip
     report.table(columns, rows)
     report.paragraph(
-        "Paper 002's figures are Flickr8k BLEU with pretrained ViT + GPT-2 (its Table 2 does not say which BLEU "
+        "Rashid & Rivas 2024's figures are Flickr8k BLEU with pretrained ViT + GPT-2 (its Table 2 does not say "
+        "which BLEU "
         "order); they are context, not the same experiment.",
         note=True,
     )

@@ -1,26 +1,32 @@
-"""``robucap study transfer``: transferability of adversarial images between captioners (papers 004 and 000).
+"""``robucap study transfer``: transferability of adversarial images between captioners.
+
+Following Liu et al. 2017 and Show-and-Fool (Chen et al. 2018).
 
 Three captioners train on the same data (or come from ``--checkpoints``): ``vit_gpt2_s0`` and ``vit_gpt2_s1`` (tiny
 ViT-GPT2, seeds 0 and 1: same architecture, different weights) and ``sat_s0`` (tiny Show-Attend-Tell, seed 0: another
 architecture). On the first ``images`` test images:
 
-1. **Single-model transfer** (paper 004, Tables 1-2; paper 000, section 4.4). Per source model, a targeted
-   Show-and-Fool caption attack (targets: paper 000's choice, the source's caption of another image) and a
+1. **Single-model transfer** (Liu et al. 2017, Tables 1-2; Show-and-Fool, section 4.4). Per source model, a targeted
+   Show-and-Fool caption attack (targets: Show-and-Fool's choice, the source's caption of another image) and a
    non-targeted optimisation attack (:class:`~modules.attacks.ensemble.EnsembleAttack` with the source alone: Adam in
-   tanh space, lambda = 0, fixed iterations, as paper 004 section 3.1). Every adversarial set is captioned by every
+   tanh space, lambda = 0, fixed iterations, as Liu et al. 2017 section 3.1). Every adversarial set is captioned by
+   every
    model: ``transfer.matrix.targeted[source][model]`` and ``transfer.matrix.non_targeted[source][model]``.
-2. **Leave-one-out ensembles** (paper 004, section 5, Tables 3-4). For each model held out, the other models form an
+2. **Leave-one-out ensembles** (Liu et al. 2017, section 5, Tables 3-4). For each model held out, the other models
+   form an
    ensemble (eq. 6, equal weights) attacked with the optimisation, FG and FGS methods, targeted and not, and the
    images are evaluated on every model, the held-out one included. The FG / FGS budgets are matched to the RMSD of
    the optimisation attack of the same row (FGS: ``eps = RMSD / 255``; FG: ``eps = RMSD * sqrt(3 H W) / 255``), as
-   paper 004 matches the distortion of its methods. Targeted ensemble targets are chosen (paper 000's rule) from the
+   Liu et al. 2017 matches the distortion of its methods. Targeted ensemble targets are chosen (Show-and-Fool's rule)
+   from the
    clean captions of the **first ensemble member**: the held-out model is a black box, so its captions are not used.
    Each row also carries the single-model transfer to the held-out model from each ensemble member alone
    (``single_model_transfer``: mean and best over those sources), the honest baseline for the ensemble's gain.
 
 Targets chosen from model captions need two images with different captions; when a (barely trained) model gives every
 image the same caption, the first reference captions of the images are used instead (recorded as ``targets_from``).
-Every attacked image is evaluated, successful on the source or not (paper 000 transfers only white-box successes; the
+Every attacked image is evaluated, successful on the source or not (Show-and-Fool, Chen et al. 2018 transfers only
+white-box successes; the
 white-box success rate is recorded next to the matrix).
 """
 
@@ -85,21 +91,21 @@ class TransferStudyConfig:
     seed: int = 0
     """Base seed: model seeds are ``seed + 0``, ``seed + 1``, ``seed + 0`` and targets are drawn with ``seed``."""
     sf_iterations: int = 200
-    """Show-and-Fool Adam iterations per round of the c search (paper 000: 1000; fewer here to fit the time budget)."""
+    """Show-and-Fool Adam iterations per round of the c search (the paper: 1000; fewer here to fit the time budget)."""
     sf_search_rounds: int = 3
-    """Show-and-Fool rounds of the c search (paper 000: 5; fewer here to fit the time budget)."""
+    """Show-and-Fool rounds of the c search (Show-and-Fool, Chen et al. 2018: 5; fewer here to fit the time budget)."""
     sf_lr: float = 0.005
-    """Show-and-Fool Adam learning rate (paper 000: 0.005)."""
+    """Show-and-Fool Adam learning rate (Show-and-Fool, Chen et al. 2018: 0.005)."""
     sf_initial_c: float = 1.0
-    """Show-and-Fool first c (paper 000: 1)."""
+    """Show-and-Fool first c (Show-and-Fool, Chen et al. 2018: 1)."""
     margin: float = 1.0
-    """Show-and-Fool confidence margin kappa (paper 000: 1; section 4.4 shows a larger kappa transfers better)."""
+    """Show-and-Fool confidence margin kappa (the paper: 1; its section 4.4 shows a larger kappa transfers better)."""
     opt_iterations: int = 100
-    """Adam iterations of the optimisation attacks (paper 004: 100)."""
+    """Adam iterations of the optimisation attacks (Liu et al. 2017: 100)."""
     opt_lr: float = 0.005
     """Adam learning rate of the optimisation attacks, in tanh space (sets the distortion with lambda = 0)."""
     distance_weight: float = 0.0
-    """lambda of the optimisation attacks (paper 004: 0)."""
+    """Lambda of the optimisation attacks (Liu et al. 2017: 0)."""
     fast_rmsd: float | None = None
     """RMSD (0-255) the FG / FGS budgets aim at; ``None``: that of the optimisation attack of the same row."""
     attack_batch_size: int = 64
@@ -235,7 +241,7 @@ def _shared_vocabulary(models: dict[str, CaptioningModule]) -> bool:
 
 # -- attacks --------------------------------------------------------------------------------------------------------
 def _choose(captions: list[str], references: list[list[str]], seed: int) -> tuple[list[str], str]:
-    """Paper 000's targets from model captions, else (all captions alike) from the images' first references."""
+    """Show-and-Fool's targets from model captions, else (all captions alike) from the images' first references."""
     try:
         return [str(t) for t in choose_targets(captions, seed=seed)], "model_captions"
     except RobucapError:
@@ -449,12 +455,14 @@ def report_transfer_study(report: Report, block: dict[str, Any]) -> None:
     """Add the study's tables (models, transfer matrices, ensemble rows) to a report."""
     transfer, ensemble = block["transfer"], block["ensemble"]
     names = [m["name"] for m in transfer["models"]]
-    report.heading("Transfer study (papers 004 and 000): adversarial images across captioners")
+    report.heading("Transfer study (Liu et al. 2017 and Show-and-Fool): adversarial images across captioners")
     report.paragraph(
         f"{transfer['images']} test images attacked per source. Targeted: {transfer['attacks']['targeted']}, targets "
-        "chosen as in paper 000 (the source's caption of another image). Non-targeted: "
-        f"{transfer['attacks']['non_targeted']} (paper 004: lambda = 0, the distortion set by lr and iterations). "
-        "RMSD: root-mean-square deviation on the 0-255 scale (paper 004). Cells: target hit % (the caption is exactly "
+        "chosen as in Show-and-Fool (the source's caption of another image). Non-targeted: "
+        f"{transfer['attacks']['non_targeted']} (Liu et al. 2017: lambda = 0, the distortion set by lr and "
+        "iterations). "
+        "RMSD: root-mean-square deviation on the 0-255 scale (Liu et al. 2017). Cells: target hit % (the caption is "
+        "exactly "
         "the target), changed % (the caption differs from the model's clean caption), BLEU-4 drop against the "
         "references (clean - adversarial). Diagonal cells are white-box."
     )
@@ -476,7 +484,8 @@ def report_transfer_study(report: Report, block: dict[str, Any]) -> None:
                f" / {_num(cells[t]['bleu4_drop'])} (tgt {_num(cells[t]['tgt_bleu4'])})" for t in names]
         )  # fmt: skip
     report.table(["source \\ evaluated on", "RMSD", "white-box success %", *names], rows)
-    report.paragraph("Non-targeted (optimisation) transfer: changed % / BLEU-4 drop; ori = paper 000's BLEU-4 of the "
+    report.paragraph("Non-targeted (optimisation) transfer: changed % / BLEU-4 drop; ori = Show-and-Fool's BLEU-4 of "
+                     "the "
                      "adversarial captions against the model's own clean captions (lower = more change).")  # fmt: skip
     rows = []
     for source in names:
@@ -488,7 +497,7 @@ def report_transfer_study(report: Report, block: dict[str, Any]) -> None:
         )  # fmt: skip
     report.table(["source \\ evaluated on", "RMSD", *names], rows)
 
-    report.heading("Leave-one-out ensembles (paper 004, eq. 6)")
+    report.heading("Leave-one-out ensembles (Liu et al. 2017, eq. 6)")
     report.paragraph(
         "Each row attacks the ensemble of all models but the held-out one (equal weights) and evaluates on the "
         f"held-out model (a black box). {ensemble['fast_budget_rule']}: FGS eps = RMSD / 255 (L-infinity), FG eps = "

@@ -1,12 +1,12 @@
-"""Ensemble attacks (paper 004, section 5): one perturbation against several captioners at once.
+"""Ensemble attacks (Liu et al. 2017, section 5): one perturbation against several captioners at once.
 
-Paper 004 attacks the ensemble ``sum_i alpha_i J_i`` of k white-box models (eq. 6, targeted):
+Liu et al. 2017 attacks the ensemble ``sum_i alpha_i J_i`` of k white-box models (eq. 6, targeted):
 ``argmin_x' -log((sum_i alpha_i J_i(x')) . 1_y*) + lambda d(x, x')``. For captioners the class probability becomes
 the probability of a whole caption, ``P_i(S | x') = exp(-nll_i(S))`` with ``nll_i`` the summed token cross-entropy
 of the caption (its end token included) under member ``i``, so the objective per image is
 
 * targeted: ``-log(sum_i alpha_i P_i(S | x')) + lambda ||x' - x||_2^2``, with ``S`` the target caption;
-* non-targeted (the "counterpart derived similarly" of paper 004, from its eq. 3):
+* non-targeted (the "counterpart derived similarly" of Liu et al. 2017, from its eq. 3):
   ``log(sum_i alpha_i P_i(y_i | x')) + lambda ||x' - x||_2^2``, with ``y_i`` member ``i``'s **own** greedy caption of
   the clean image. Members may caption the clean image differently; each is pushed away from what it says itself,
   which is what "fooling member i" means without ground-truth labels.
@@ -17,11 +17,11 @@ Methods:
 
 * ``optimization``: Adam (:class:`~modules.attacks.tanh_box.RowAdam`) on a tanh-space variable
   (:mod:`modules.attacks.tanh_box`), so every iterate stays in [0, 1], for ``iterations`` steps; the last iterate is
-  returned. There is no ``c`` search: paper 004 sets ``lambda = 0`` and controls the distortion with the learning
-  rate and the number of iterations (section 3.1), so ``distance_weight`` defaults to 0. Paper 004 sums the Adam
+  returned. There is no ``c`` search: Liu et al. 2017 sets ``lambda = 0`` and controls the distortion with the learning
+  rate and the number of iterations (section 3.1), so ``distance_weight`` defaults to 0. Liu et al. 2017 sums the Adam
   updates of the members; here Adam runs on the gradient of eq. 6 itself (the exact ensemble objective).
 * ``fg`` / ``fgs``: one step of the fast gradient (L2-normalised) / fast gradient sign method on the same objective
-  at the clean image (paper 004, section 2.2): ``x' = clip(x - eps * g / ||g||_2)`` and
+  at the clean image (Liu et al. 2017, section 2.2): ``x' = clip(x - eps * g / ||g||_2)`` and
   ``x' = clip(x - eps * sign(g))`` with ``g`` the gradient of the objective. ``epsilon`` is an L2 budget for ``fg``
   (as :class:`~modules.attacks.fg.FG`) and an L-infinity budget for ``fgs``, both in [0, 1] pixel units.
 
@@ -94,7 +94,7 @@ def caption_labels(captions: Sequence[Sequence[int]], eos: int, device: torch.de
 
 
 class EnsembleAttack:
-    """Paper 004's ensemble attack (eq. 6) on captioners, targeted or not.
+    """Liu et al.'s (2017) ensemble attack (eq. 6) on captioners, targeted or not.
 
     Args:
         members: The white-box captioners (not DDP wrappers). One member gives the single-model attack.
@@ -106,7 +106,8 @@ class EnsembleAttack:
             set by ``lr``, ``iterations`` and ``distance_weight``.
         iterations: Adam iterations of ``optimization``.
         lr: Adam learning rate of ``optimization`` (in tanh space).
-        distance_weight: ``lambda``, the weight of ``||x' - x||_2^2`` (paper 004 uses 0; see the module docstring).
+        distance_weight: ``lambda``, the weight of ``||x' - x||_2^2`` (Liu et al. 2017 uses 0; see the module
+            docstring).
         max_new_tokens: Longest clean caption generated for the non-targeted objective, EOS included.
         use_eval_mode: Differentiate the members in eval mode (no dropout), restoring their modes afterwards.
 

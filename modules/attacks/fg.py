@@ -1,4 +1,4 @@
-"""Fast Gradient (FG) method: one L2-normalised gradient step (paper 004, section 2.2).
+"""Fast Gradient (FG) method: one L2-normalised gradient step (Liu et al. 2017, section 2.2).
 
 ``x' = clip(x + eps * g / ||g||_2)`` untargeted and ``x' = clip(x - eps * g / ||g||_2)`` targeted, with ``g`` the
 gradient of the image's caption loss and the norm taken per image over all ``3 * H * W`` values.

@@ -1,7 +1,7 @@
-"""Fast Gradient Sign Method (Goodfellow et al., 2015), the attack of paper 002, and its random-start variant.
+"""Fast Gradient Sign Method (Goodfellow et al., 2015), the attack of Rashid & Rivas 2024, and its random-start variant.
 
 Plain FGSM is one signed gradient step of size epsilon: ``x' = clip(x + eps * sign(grad))`` untargeted,
-``x' = clip(x - eps * sign(grad))`` targeted (paper 004, section 2.2). With ``random_start`` it becomes the
+``x' = clip(x - eps * sign(grad))`` targeted (Liu et al. 2017, section 2.2). With ``random_start`` it becomes the
 "fast adversarial training" attack of Wong et al. (2020): start at a uniform point of the epsilon-ball, take one signed
 step of ``step_size`` (default 1.25 * epsilon) and project back onto the ball and [0, 1].
 """
@@ -22,7 +22,8 @@ class FGSM(Attack):
     """One signed gradient step within an L-infinity budget.
 
     Args:
-        epsilon: L-infinity budget in [0, 1] pixel units (paper 002's 0.1 on ViT's [-1, 1] input is 0.05 here).
+        epsilon: L-infinity budget in [0, 1] pixel units (Rashid & Rivas's (2024) 0.1 on ViT's [-1, 1] input is 0.05
+            here).
         targeted: Descend on the loss of the target caption given as ``labels`` instead of ascending on the
             reference caption's loss.
         use_eval_mode: Compute the gradient with the model in eval mode (no dropout).

@@ -1,4 +1,4 @@
-"""Show-and-Fool (paper 000): targeted-caption and targeted-keyword attacks on captioners.
+"""Show-and-Fool (Show-and-Fool, Chen et al. 2018): targeted-caption and targeted-keyword attacks on captioners.
 
 Each image gets its own perturbation, found by minimising ``c * loss(x') + ||x' - x||_2^2`` over a tanh-space
 variable (:mod:`modules.attacks.tanh_box`) with Adam (lr 0.005, 1000 iterations), for a per-image ``c`` searched
@@ -16,7 +16,7 @@ Losses (``z_t`` are the teacher-forced next-token logits at position ``t``, ``ka
   position ``t``. The decoder input is the model's own current caption of ``x'``, re-inferred every
   ``reinfer_every`` iterations (T = 5), starting from the clean image's caption.
 
-Distortion is measured in robucap's [0, 1] pixel units (paper 000's [-1, 1] images give twice the L2 norm).
+Distortion is measured in robucap's [0, 1] pixel units (Show-and-Fool's [-1, 1] images give twice the L2 norm).
 
 Batching: all images of a batch are optimised together, each with its own ``c``, Adam state and bounds. An image
 leaves the batch once its objective has stopped improving (Carlini & Wagner's abort-early rule: less than 0.01 %
@@ -51,7 +51,7 @@ class ShowAndFoolResult:
 
     Attributes:
         adversarial: The successful image of smallest distortion, or for a failure the last iterate of the round
-            with the largest ``c`` tried (what paper 000's failure statistics describe). Shape: ``(B, 3, H, W)``.
+            with the largest ``c`` tried (what Show-and-Fool's failure statistics describe). Shape: ``(B, 3, H, W)``.
         success: The generated caption of ``adversarial`` is the target (caption mode) or contains every keyword.
             Shape: ``(B,)``.
         l2: ``||adversarial - x||_2`` in [0, 1] pixel units. Shape: ``(B,)``.
@@ -92,7 +92,7 @@ def _margin_terms(logits: torch.Tensor, wanted: torch.Tensor, margin: float) -> 
 
 
 def logits_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Paper 000 eq. 7 per image: the margin terms summed over the target positions (labels != -100).
+    """Show-and-Fool eq. 7 per image: the margin terms summed over the target positions (labels != -100).
 
     A position whose target logit beats every other by ``margin`` sits at ``-margin`` and gives no gradient.
 
@@ -105,7 +105,7 @@ def logits_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> to
 
 
 def log_prob_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Paper 000 eq. 5 per image: ``-log P(S | x)``, the summed token cross-entropy of the target caption.
+    """Show-and-Fool eq. 5 per image: ``-log P(S | x)``, the summed token cross-entropy of the target caption.
 
     Shape:
         ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``, -100 on padding; returns ``(B,)``.
@@ -124,7 +124,7 @@ def keyword_loss(
     margin: float,
     gate_value: float,
 ) -> torch.Tensor:
-    """Paper 000 eq. 9 per image: each keyword's best position, with colliding positions gated off.
+    """Show-and-Fool eq. 9 per image: each keyword's best position, with colliding positions gated off.
 
     Args:
         logits: Teacher-forced logits on the current caption. Shape: ``(B, T, V)``.
@@ -181,7 +181,7 @@ def _labels(sequences: Sequence[Sequence[int]], eos: int, device: torch.device) 
 
 
 class ShowAndFool:
-    """Paper 000's targeted attack, batched with a per-image ``c``.
+    """Show-and-Fool's targeted attack, batched with a per-image ``c``.
 
     Args:
         mode: ``caption`` (generate exactly the target) or ``keyword`` (generate a caption containing every keyword).
@@ -228,7 +228,7 @@ class ShowAndFool:
             raise RobucapError(f"Show-and-Fool loss must be one of {list(LOSSES)}, got {loss!r}")
         if mode == "keyword" and loss != "logits":
             raise RobucapError(
-                "Show-and-Fool keyword mode uses the logits loss (eq. 9); its log-prob form is only in paper 000's "
+                "Show-and-Fool keyword mode uses the logits loss (eq. 9); its log-prob form is only in Show-and-Fool's "
                 "supplementary material and is not implemented"
             )
         self.mode, self.loss = mode, loss
@@ -309,7 +309,7 @@ class ShowAndFool:
             larger = c >= fallback_c
             fallback[larger] = last[larger]
             fallback_c = torch.where(larger, c, fallback_c)
-            # Paper 000 / Carlini & Wagner: x10 until the first success, then bisect.
+            # Show-and-Fool / Carlini & Wagner: x10 until the first success, then bisect.
             upper = torch.where(success, torch.minimum(upper, c), upper)
             lower = torch.where(success, lower, torch.maximum(lower, c))
             c = torch.where(upper < _NO_C, (lower + upper) / 2, c * 10)

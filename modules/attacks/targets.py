@@ -1,6 +1,8 @@
-"""Targets of targeted caption attacks: encoding them with the captioner's vocabulary and choosing them as paper 000.
+"""Targets of targeted caption attacks: encoding them with the captioner's vocabulary and choosing them.
 
-Paper 000 (section 4.2) takes as target caption the caption the model generates for another, randomly chosen test
+Targets are chosen as Show-and-Fool (Chen et al. 2018) does.
+
+Show-and-Fool (section 4.2) takes as target caption the caption the model generates for another, randomly chosen test
 image, so the target is one the model can produce; target keywords (section 4.3) are the content words (nouns,
 verbs, adjectives, adverbs) of such a caption. robucap has no part-of-speech tagger, so a content word is any word
 outside :data:`FUNCTION_WORDS` (articles, prepositions, conjunctions, pronouns, auxiliaries, numbers spelled out).
@@ -109,7 +111,7 @@ class PaperTarget:
 def paper_targets(
     clean_captions: Sequence[str], n_keywords: int = 0, seed: int = 0, max_tries: int = 100
 ) -> list[PaperTarget | None]:
-    """Paper 000's targets: for each image, the clean caption of another, randomly chosen image.
+    """Show-and-Fool's targets: for each image, the clean caption of another, randomly chosen image.
 
     With ``n_keywords == 0`` the target is that caption, and it must differ from the image's own caption. With
     ``n_keywords = M >= 1`` the target is ``M`` content words of that caption (a seeded choice, in caption order)

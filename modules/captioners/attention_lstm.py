@@ -4,11 +4,11 @@ At step ``t``, with previous word ``y_{t-1}``, state ``(h_{t-1}, c_{t-1})`` and 
 
 * attention: ``e_ti = w·tanh(W_a a_i + W_h h_{t-1})``, ``α_t = softmax(e_t)``, ``z_t = Σ_i α_ti a_i``;
 * gate: ``β_t = σ(f_β(h_{t-1}))`` (one scalar per step in the paper; one per feature channel here, as in the
-  implementation paper 001 used), ``ẑ_t = β_t ⊙ z_t``;
+  implementation Li et al. 2022 used), ``ẑ_t = β_t ⊙ z_t``;
 * recurrence: ``(h_t, c_t) = LSTMCell([E y_{t-1}; ẑ_t], (h_{t-1}, c_{t-1}))``, started from
   ``h_0 = tanh(f_init_h(mean_i a_i))`` and ``c_0 = tanh(f_init_c(mean_i a_i))``;
 * deep output: ``p(y_t) = softmax(L_o dropout(tanh(E y_{t-1} + L_h h_t + L_z ẑ_t)))``, or with ``deep_output=False``
-  the shallow head ``softmax(L_o dropout(h_t))`` of the PyTorch implementation paper 001 trained.
+  the shallow head ``softmax(L_o dropout(h_t))`` of the PyTorch implementation Li et al. 2022 trained.
 
 The step is an explicit ``nn.LSTMCell`` loop: attention needs ``h_{t-1}`` at every step, and attacks differentiate
 the model in eval mode, where cuDNN's fused ``nn.LSTM`` refuses to run backward.

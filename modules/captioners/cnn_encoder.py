@@ -1,7 +1,8 @@
 """The Show-Attend-Tell image encoder: a torchvision ResNet trunk pooled to a fixed grid of annotation vectors.
 
 Xu et al. (2015) attend over the ``L = grid × grid`` spatial positions of a CNN's last convolutional map. The trunk is
-a torchvision ResNet without its ``avgpool`` and ``fc`` (ResNet-101 in paper 001's victim), or, for tiny images, a
+a torchvision ResNet without its ``avgpool`` and ``fc`` (ResNet-101 in Li et al.'s (2022) victim), or, for tiny
+images, a
 small ResNet made of torchvision's own :class:`~torchvision.models.resnet.BasicBlock` (see :func:`tiny_resnet_trunk`).
 Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ...), so a torchvision state_dict loads as is.
 """
@@ -71,7 +72,7 @@ def tiny_resnet_trunk(widths: Sequence[int], blocks: Sequence[int]) -> tuple[nn.
     torchvision's ``ResNet`` class fixes the widths at 64–512 and opens with a 7×7 stride-2 convolution and a max
     pool, which at 32 px throws away three quarters of the pixels before any residual block and costs more than the
     whole tiny ViT-GPT2. This trunk keeps torchvision's blocks and initialisation but (1) opens with a 3×3 stride-1
-    convolution, so single-pixel texture (the faint Gaussian-noise trigger of paper 001) reaches the first features
+    convolution, so single-pixel texture (the faint Gaussian-noise trigger of Li et al. 2022) reaches the first features
     at full resolution, and (2) uses narrow stages: stage ``i`` has ``widths[i]`` channels, ``blocks[i]`` blocks and
     stride 2, so the total stride is ``2 ** len(widths)``.
 

@@ -1,6 +1,6 @@
-"""Show, Attend and Tell (Xu et al., 2015): CNN annotation vectors + soft-attention LSTM, the victim of paper 001.
+"""Show, Attend and Tell (Xu et al., 2015): CNN annotation vectors + soft-attention LSTM, the victim of Li et al. 2022.
 
-Paper 001 trains the PyTorch implementation of sgrvinod (ResNet-101 pooled to 14×14, embedding, attention and LSTM
+Li et al. 2022 trains the PyTorch implementation of sgrvinod (ResNet-101 pooled to 14×14, embedding, attention and LSTM
 sizes 512, dropout 0.5, doubly stochastic attention regularisation with ``alpha_c = 1``): that is the ``standard``
 preset. ``tiny`` is a small ResNet with a stride-1 stem for 32–64 px images (see
 :func:`~modules.captioners.cnn_encoder.tiny_resnet_trunk`).
@@ -77,7 +77,7 @@ class ShowAttendTellConfig:
 PRESETS: dict[str, ShowAttendTellConfig] = {
     # 0.27 M parameters with a 50-word vocabulary (encoder 78 k); a 4×4 attention grid at 32 px, 8×8 at 64 px.
     "tiny": ShowAttendTellConfig(),
-    # Paper 001's victim (sgrvinod's implementation): ResNet-101, 14×14 grid, sizes 512, dropout 0.5; 224/256 px.
+    # Li et al.'s (2022) victim (sgrvinod's implementation): ResNet-101, 14×14 grid, sizes 512, dropout 0.5; 224/256 px.
     "standard": ShowAttendTellConfig(
         backbone="resnet101", grid_size=14, embed_dim=512, attention_dim=512, hidden_dim=512, dropout=0.5
     ),

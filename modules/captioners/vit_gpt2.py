@@ -1,4 +1,4 @@
-"""ViT encoder + GPT-2 decoder through ``transformers.VisionEncoderDecoderModel`` (the captioner of paper 002)."""
+"""ViT encoder + GPT-2 decoder through ``transformers.VisionEncoderDecoderModel`` (Rashid & Rivas 2024's captioner)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Paper 000's report figures for targeted caption / keyword attacks, from per-image records.
+"""Show-and-Fool's report figures for targeted caption / keyword attacks, from per-image records.
 
 * Table 1: success rate and the mean ``||delta||_2`` over the **successful** adversarial examples.
 * Table 2: how close the failed examples still come to the target: BLEU-1..4, ROUGE-L and METEOR of their captions
@@ -25,7 +25,7 @@ from modules.metrics.coco_eval import coco_caption_scores
 __all__ = ["FAILURE_SCORES", "keywords_found", "summarize_targeted"]
 
 FAILURE_SCORES: tuple[str, ...] = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor")
-"""The caption scores of paper 000's Table 2, in its order."""
+"""The caption scores of Show-and-Fool's Table 2, in its order."""
 
 
 def keywords_found(prediction: str, keywords: Sequence[str]) -> int:
@@ -86,7 +86,7 @@ def _failure_scores(failures: Sequence[Mapping[str, Any]], keyword_mode: bool, m
 
 
 def summarize_targeted(records: Sequence[Mapping[str, Any]], meteor: bool = True) -> dict[str, Any]:
-    """Paper 000's Tables 1-3 for one attack mode.
+    """Show-and-Fool's Tables 1-3 for one attack mode.
 
     Args:
         records: One per attacked image, with ``success``, ``l2``, ``prediction``, ``target`` (caption string or
