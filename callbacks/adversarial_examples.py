@@ -42,8 +42,7 @@ class AdversarialExamples(L.Callback):
 
     One row per image: the original with its generated caption, the adversarial image with its caption, and the
     perturbation stretched to fill [0, 1] (labelled with its true L-infinity size), as in Rashid & Rivas's (2024)
-    Table 1. The
-    perturbation is shown signed by default (see :func:`amplified_difference`).
+    Table 1. The perturbation is shown signed by default (see :func:`amplified_difference`).
     The attack is white-box against the current weights, untargeted on the first reference caption.
 
     The grid goes to W&B (``WandbLogger.log_image`` under ``key``) and, for every other logger with a log directory

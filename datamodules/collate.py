@@ -1,4 +1,4 @@
-"""Batching: stack images and tokenize captions into the batch contract of DESIGN.md."""
+"""Batching: stack images and tokenize captions into the batch contract below."""
 
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ Subcommands (each writes ``OUT/results.json`` and ``OUT/report.html``):
   ``||delta||_2`` of the successes, caption scores of the failures against their target, keywords found among the
   failures), with an example grid per mode: original, adversarial and ``0.5 + 10 * delta``.
 * ``fgsm`` / ``pgd``: untargeted L-infinity attacks on the first reference caption (Rashid & Rivas 2024): BLEU-4 clean
-  and
-  under attack, share of changed captions, RMSD (Liu et al. 2017, 0-255 scale).
+  and under attack, share of changed captions, RMSD (Liu et al. 2017, 0-255 scale).
 * ``ensemble``: Liu et al.'s (2017) ensemble attack, crafted on several checkpoints and evaluated on all of them; with
   ``--held-out i`` checkpoint ``i`` is left out of the ensemble and plays the black box.
 
@@ -415,8 +414,7 @@ def _show_and_fool_report(
     )
     report.paragraph(
         "‖δ‖₂ is in [0, 1] pixel units; Show-and-Fool's images are in [-1, 1], so its figures are twice ours for the "
-        "same "
-        "perturbation. Images whose clean caption already met a fixed target were not attacked.",
+        "same perturbation. Images whose clean caption already met a fixed target were not attacked.",
         note=True,
     )
     report.heading("Table 1: success rate and distortion")

@@ -10,13 +10,11 @@ a cell of a transfer matrix here holds, for the adversarial images of one source
   (normalised text) — the non-targeted "accuracy" turned around: 1 means every image was fooled;
 * ``target_hit``: share of images whose adversarial caption is the target caption (normalised, exact), or for
   keyword targets contains every keyword — Liu et al.'s (2017) matching rate; ``target_hit_clean`` is the same share
-  for the
-  clean captions, the baseline to compare with (a target chosen from the source's captions may already be what
+  for the clean captions, the baseline to compare with (a target chosen from the source's captions may already be what
   another captioner says for the clean image);
 * ``ori_bleu4`` / ``tgt_bleu4``: Show-and-Fool's transfer scores (section 4.4, Table 4): corpus BLEU-4 of the
-  adversarial
-  captions against the captioner's own clean captions (``ori``, lower = more change) and against the target captions
-  (``tgt``, higher = the target transferred; caption targets only).
+  adversarial captions against the captioner's own clean captions (``ori``, lower = more change) and against the
+  target captions (``tgt``, higher = the target transferred; caption targets only).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CaptionCollator: the batch contract of DESIGN.md (shapes, EOS, padding, labels, truncation, references)."""
+"""CaptionCollator: the batch contract (shapes, EOS, padding, labels, truncation, references)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Every trigger works on an 8-bit RGB tensor (what :func:`datamodules.images.load_image_uint8` returns) and
 returns a *new* 8-bit tensor; the input is never modified. Intensities are stated in [0, 1] pixel units
-(see DESIGN.md, "Images, normalisation, epsilon"): the object-oriented trigger of Li et al. 2022 uses α = 20 on
+like every budget in robucap: the object-oriented trigger of Li et al. 2022 uses α = 20 on
 the 0-255 scale, i.e. ``20 / 255`` here.
 
 All triggers share one call signature, ``apply(image, boxes=(), seed=0, key="") -> (poisoned, used)``, so the

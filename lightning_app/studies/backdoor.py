@@ -239,8 +239,7 @@ def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
     report.table(columns, rows)
     report.paragraph(
         "Li et al. 2022's figures are Flickr8k with a ResNet-101 Show-Attend-Tell (BLEU in %); they are context, not "
-        "the "
-        "same experiment.",
+        "the same experiment.",
         note=True,
     )
     report.image(curves_png(block), "validation ASR and FTR per epoch")

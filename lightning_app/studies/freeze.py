@@ -7,10 +7,9 @@
 5. ``freeze_decoder``: as 3 with the language decoder frozen, cross-attention included (paper: "freezing GPT").
 
 Rashid & Rivas 2024 starts every phase from pretrained ViT and GPT-2. Here the baseline plays that role: phases 2-5
-start from
-the baseline's weights and fine-tune for ``finetune_epochs`` — freezing a randomly initialised part would test
-nothing. Phases 4 and 5 run ``trials`` times with different seeds (mean ± std). Every row is scored on a fixed
-subset of training images and on the test split, clean and under FGSM (white-box against that row's model).
+start from the baseline's weights and fine-tune for ``finetune_epochs`` — freezing a randomly initialised part
+would test nothing. Phases 4 and 5 run ``trials`` times with different seeds (mean ± std). Every row is scored on a
+fixed subset of training images and on the test split, clean and under FGSM (white-box against that row's model).
 """
 
 from __future__ import annotations
@@ -266,8 +265,8 @@ def report_freeze_study(report: Report, block: dict[str, Any]) -> None:
     report.paragraph(
         f"FGSM epsilon = {eps} in [0, 1] pixel units = {eps * 255:.1f}/255 = {eps * 2:.2f} on ViT's [-1, 1] input "
         "(Rashid & Rivas 2024 used 0.1 on that input). Phases 2-5 fine-tune the baseline; attacks are white-box "
-        "against each "
-        "row's own model, untargeted against the first reference caption. BLEU is pycocoevalcap's corpus BLEU."
+        "against each row's own model, untargeted against the first reference caption. BLEU is pycocoevalcap's corpus "
+        "BLEU."
     )
     columns = ["phase", "trials", "train clean B4", "train FGSM B4", "test clean B4", "test FGSM B4", "test B1",
                "trainable params", "train s", "Rashid & Rivas 2024 train / test"]  # fmt: skip
@@ -285,8 +284,7 @@ def report_freeze_study(report: Report, block: dict[str, Any]) -> None:
     report.table(columns, rows)
     report.paragraph(
         "Rashid & Rivas 2024's figures are Flickr8k BLEU with pretrained ViT + GPT-2 (its Table 2 does not say "
-        "which BLEU "
-        "order); they are context, not the same experiment.",
+        "which BLEU order); they are context, not the same experiment.",
         note=True,
     )
     report.image(freeze_chart_png(block), "freeze study bar chart")

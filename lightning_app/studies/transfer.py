@@ -10,24 +10,21 @@ architecture). On the first ``images`` test images:
    Show-and-Fool caption attack (targets: Show-and-Fool's choice, the source's caption of another image) and a
    non-targeted optimisation attack (:class:`~modules.attacks.ensemble.EnsembleAttack` with the source alone: Adam in
    tanh space, lambda = 0, fixed iterations, as Liu et al. 2017 section 3.1). Every adversarial set is captioned by
-   every
-   model: ``transfer.matrix.targeted[source][model]`` and ``transfer.matrix.non_targeted[source][model]``.
+   every model: ``transfer.matrix.targeted[source][model]`` and ``transfer.matrix.non_targeted[source][model]``.
 2. **Leave-one-out ensembles** (Liu et al. 2017, section 5, Tables 3-4). For each model held out, the other models
-   form an
-   ensemble (eq. 6, equal weights) attacked with the optimisation, FG and FGS methods, targeted and not, and the
-   images are evaluated on every model, the held-out one included. The FG / FGS budgets are matched to the RMSD of
+   form an ensemble (eq. 6, equal weights) attacked with the optimisation, FG and FGS methods, targeted and not, and
+   the images are evaluated on every model, the held-out one included. The FG / FGS budgets are matched to the RMSD of
    the optimisation attack of the same row (FGS: ``eps = RMSD / 255``; FG: ``eps = RMSD * sqrt(3 H W) / 255``), as
    Liu et al. 2017 matches the distortion of its methods. Targeted ensemble targets are chosen (Show-and-Fool's rule)
-   from the
-   clean captions of the **first ensemble member**: the held-out model is a black box, so its captions are not used.
+   from the clean captions of the **first ensemble member**: the held-out model is a black box, so its captions are
+   not used.
    Each row also carries the single-model transfer to the held-out model from each ensemble member alone
    (``single_model_transfer``: mean and best over those sources), the honest baseline for the ensemble's gain.
 
 Targets chosen from model captions need two images with different captions; when a (barely trained) model gives every
 image the same caption, the first reference captions of the images are used instead (recorded as ``targets_from``).
 Every attacked image is evaluated, successful on the source or not (Show-and-Fool, Chen et al. 2018 transfers only
-white-box successes; the
-white-box success rate is recorded next to the matrix).
+white-box successes; the white-box success rate is recorded next to the matrix).
 """
 
 from __future__ import annotations
@@ -462,8 +459,7 @@ def report_transfer_study(report: Report, block: dict[str, Any]) -> None:
         f"{transfer['attacks']['non_targeted']} (Liu et al. 2017: lambda = 0, the distortion set by lr and "
         "iterations). "
         "RMSD: root-mean-square deviation on the 0-255 scale (Liu et al. 2017). Cells: target hit % (the caption is "
-        "exactly "
-        "the target), changed % (the caption differs from the model's clean caption), BLEU-4 drop against the "
+        "exactly the target), changed % (the caption differs from the model's clean caption), BLEU-4 drop against the "
         "references (clean - adversarial). Diagonal cells are white-box."
     )
     report.table(
@@ -484,9 +480,10 @@ def report_transfer_study(report: Report, block: dict[str, Any]) -> None:
                f" / {_num(cells[t]['bleu4_drop'])} (tgt {_num(cells[t]['tgt_bleu4'])})" for t in names]
         )  # fmt: skip
     report.table(["source \\ evaluated on", "RMSD", "white-box success %", *names], rows)
-    report.paragraph("Non-targeted (optimisation) transfer: changed % / BLEU-4 drop; ori = Show-and-Fool's BLEU-4 of "
-                     "the "
-                     "adversarial captions against the model's own clean captions (lower = more change).")  # fmt: skip
+    report.paragraph(
+        "Non-targeted (optimisation) transfer: changed % / BLEU-4 drop; ori = Show-and-Fool's BLEU-4 of the "
+        "adversarial captions against the model's own clean captions (lower = more change)."
+    )
     rows = []
     for source in names:
         cells = transfer["matrix"]["non_targeted"][source]

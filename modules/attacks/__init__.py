@@ -1,9 +1,9 @@
-"""Adversarial attacks on captioners, one file per method, all in [0, 1] pixel space (DESIGN.md).
+"""Adversarial attacks on captioners, one file per method, all in [0, 1] pixel space.
 
 Every :class:`Attack` (FGSM, PGD, FG) is called as ``attack(captioner, pixel_values, labels) -> adversarial images``;
-:class:`ShowAndFool` (targeted, Show-and-Fool (Chen et al. 2018)) takes per-image target ids and
-:class:`EnsembleAttack` (Liu et al. 2017) several
-captioners. All work inside ``torch.inference_mode`` / ``no_grad`` (validation), never touch the parameters' ``.grad``
+:class:`ShowAndFool` (targeted; Show-and-Fool, Chen et al. 2018) takes per-image target ids and
+:class:`EnsembleAttack` (Liu et al. 2017) several captioners. All work inside ``torch.inference_mode`` /
+``no_grad`` (validation), never touch the parameters' ``.grad``
 and leave the model's train/eval mode as they found it.
 """
 

@@ -1,10 +1,9 @@
 """The tanh change of variables and a per-image Adam, shared by the optimisation attacks (Show-and-Fool, ensemble).
 
 Carlini & Wagner's box trick (Show-and-Fool, Chen et al. 2018, eq. 2): optimise an unconstrained ``w`` and look at the
-image
-``(tanh(y + w) + 1) / 2`` with ``y = arctanh(2x - 1)``, so every iterate lies in [0, 1] without clipping.
-Show-and-Fool (Chen et al. 2018)
-works on [-1, 1] images; robucap keeps [0, 1] pixels, so the map carries the affine ``(. + 1) / 2``.
+image ``(tanh(y + w) + 1) / 2`` with ``y = arctanh(2x - 1)``, so every iterate lies in [0, 1] without clipping.
+Show-and-Fool (Chen et al. 2018) works on [-1, 1] images; robucap keeps [0, 1] pixels, so the map carries the affine
+``(. + 1) / 2``.
 
 :class:`RowAdam` is ``torch.optim.Adam`` (same update, same defaults) with its state kept per image row, so images
 can leave a batch (early stop) without disturbing the others: an image's trajectory does not depend on which other

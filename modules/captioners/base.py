@@ -1,4 +1,4 @@
-"""The captioner interface that training, freezing, attacks and metrics rely on (DESIGN.md, "Captioner contract")."""
+"""The captioner interface that training, freezing, attacks and metrics rely on (see the README, "Models")."""
 
 from __future__ import annotations
 

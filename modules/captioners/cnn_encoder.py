@@ -2,8 +2,8 @@
 
 Xu et al. (2015) attend over the ``L = grid × grid`` spatial positions of a CNN's last convolutional map. The trunk is
 a torchvision ResNet without its ``avgpool`` and ``fc`` (ResNet-101 in Li et al.'s (2022) victim), or, for tiny
-images, a
-small ResNet made of torchvision's own :class:`~torchvision.models.resnet.BasicBlock` (see :func:`tiny_resnet_trunk`).
+images, a small ResNet made of torchvision's own :class:`~torchvision.models.resnet.BasicBlock` (see
+:func:`tiny_resnet_trunk`).
 Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ...), so a torchvision state_dict loads as is.
 """
 
