@@ -52,9 +52,9 @@ from torch.utils.data import DataLoader
 from benchmarks.harness import (
     add_device_option,
     add_threads_option,
-    machine_info,
     quartiles,
-    quiet_lightning,
+    require_at_least,
+    start,
     sync_device,
     write_report,
 )
@@ -495,11 +495,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "repeats", "pgd_steps", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+    require_at_least(parser, args, ("batch_size", "steps", "repeats", "pgd_steps", "threads"), 1)
+    require_at_least(parser, args, ("warmup",), 0)
     return args
 
 
@@ -513,11 +510,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The results written to ``--out``.
     """
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    quiet_lightning()
-    machine = machine_info(device)
+    device, machine = start(args)
     tokenizer = build_tokenizer(args.seed)
     variants = build_variants(args.pgd_steps)
     total = args.warmup + args.steps

@@ -46,8 +46,8 @@ from benchmarks.harness import (
     add_device_option,
     add_threads_option,
     load_average,
-    machine_info,
-    quiet_lightning,
+    require_at_least,
+    start,
     sync_device,
     write_report,
 )
@@ -445,11 +445,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     args = parser.parse_args(argv)
-    for name in ("n_train", "n_val", "batch_size", "repeats", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+    require_at_least(parser, args, ("n_train", "n_val", "batch_size", "repeats", "threads"), 1)
+    require_at_least(parser, args, ("warmup",), 0)
     return args
 
 
@@ -463,11 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The results written to ``--out``.
     """
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    quiet_lightning()
-    machine = machine_info(device)
+    device, machine = start(args)
     with tempfile.TemporaryDirectory(prefix="robucap-eval-bench-") as workdir:
         setup, timings = run(args, device, Path(workdir))
     timed = timings[args.warmup :]

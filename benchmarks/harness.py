@@ -115,6 +115,23 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str], low: int) -> None:
+    """Stop with the parser's usage error when an option given (not ``None``) is below ``low``."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}")
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, dict[str, Any]]:
+    """What every Lightning benchmark does first: apply ``--device`` / ``--threads``, quiet Lightning, and describe
+    the machine (after the thread count is set, so the report shows it)."""
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    quiet_lightning()
+    return device, machine_info(device)
+
+
 def write_report(
     name: str,
     argv: Sequence[str] | None,
