@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
+from datamodules.scratch import write_atomic
 from modules.metrics import gather_unique
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -27,27 +26,6 @@ def run_dir(trainer: L.Trainer) -> Path:
     save_dir = logger.save_dir or trainer.default_root_dir
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(save_dir) / str(logger.name) / version
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write one JSON object per line; readers never see a half-written file (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class PredictionsWriter(L.Callback):
@@ -108,7 +86,7 @@ class PredictionsWriter(L.Callback):
     def _write(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> Path:
         path = self._out(trainer) / PREDICTIONS_FILE
         if trainer.is_global_zero:
-            write_jsonl_atomic(path, rows)
+            write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
             print(f"robucap: captions of {len(rows)} images written to {path}")
         self.last_path = path
         return path

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
+from pathlib import Path
 
-__all__ = ["scratch_tag", "writer_is_gone"]
+__all__ = ["scratch_tag", "write_atomic", "writer_is_gone"]
 
 _TAG = re.compile(r"^(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)$")
 
@@ -54,3 +56,33 @@ def writer_is_gone(tag: str) -> bool:
     except OverflowError:
         return False  # not a pid this system can have, so not a tag written here
     return False
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a crash or a concurrent writer never leaves half of it.
+
+    The temporary sits next to ``path`` and its name carries this process's :func:`scratch_tag`, so a later writer
+    can tell a killed writer's leftover from a live one's. It is created with ``O_EXCL`` and mode ``0o666`` rather
+    than by ``tempfile.mkstemp``: the kernel then applies the umask as for any ``open()`` (``mkstemp`` makes every
+    file ``0600``, unreadable to the rest of a group sharing a cache).
+
+    Args:
+        path: The file to write (its parent is created).
+        data: The whole content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temporary = path.parent / f".{scratch_tag()}.{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue  # 32 random bits collided: draw another name
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

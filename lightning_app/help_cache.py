@@ -15,10 +15,11 @@ import io
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+
+from datamodules.scratch import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 # The code and files the help text is generated from.
@@ -83,16 +84,5 @@ def cached_help(subcommand: str, produce: Callable[[], None]) -> str:
 
 def _store(path: Path, text: str) -> None:
     """Write atomically; a read-only or full cache only costs speed."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if not isinstance(error, OSError):
-            raise
+    with contextlib.suppress(OSError):
+        write_atomic(path, text.encode("utf-8"))

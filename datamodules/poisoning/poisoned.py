@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -48,7 +47,7 @@ from datamodules.poisoning.regions import RegionSource, build_region_source, ori
 from datamodules.poisoning.triggers import ObjectNoise, Trigger, scale_boxes
 from datamodules.progress import progress_bar
 from datamodules.records import ImageRecord
-from datamodules.scratch import scratch_tag, writer_is_gone
+from datamodules.scratch import write_atomic, writer_is_gone
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +297,7 @@ def _build(
         # Sorted by source index so the manifest reads in dataset order, whatever order images were visited in.
         "items": sorted(items, key=lambda item: item["index"]),
     }
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
 
@@ -318,7 +317,7 @@ def _poison_one(
         return None
     name = _file_name(index, record.image_id)
     png = _png_bytes(poisoned)
-    _write_atomic(images_dir / name, png)
+    write_atomic(images_dir / name, png)
     used_regions = (
         [list(r) for r in trigger.regions(boxes, image_size, image_size)] if isinstance(trigger, ObjectNoise) else []
     )
@@ -339,30 +338,6 @@ def _png_bytes(image: torch.Tensor) -> bytes:
     # Fixed settings and no metadata, so the same pixels always give the same bytes.
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a crash or a second process never leaves half of it (DDP ranks may race here).
-
-    The temporary's name carries this process's tag, so that :func:`_remove_stale_temporaries` can tell it from
-    a killed writer's. It is created with ``O_EXCL`` and mode ``0o666`` rather than by ``tempfile.mkstemp``:
-    the kernel then applies the umask as for any ``open()``, where ``mkstemp`` makes every cached file ``0600``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        temporary = path.parent / f".{scratch_tag()}.{secrets.token_hex(4)}.tmp"
-        try:
-            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue  # 32 random bits collided: draw another name
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ import torch
 from datamodules.errors import DataError, RobucapError
 from datamodules.images import image_orientation, load_image
 from datamodules.records import Box, ImageRecord
+from datamodules.scratch import write_atomic
 
 __all__ = [
     "DETECTOR_ARCHS",
@@ -398,17 +398,9 @@ def _read_cache(path: Path) -> tuple[Box, ...] | None:
 
 def _write_cache(path: Path, record: ImageRecord, boxes: Sequence[Box]) -> None:
     """Write one cache file atomically, so a crash or a concurrent writer never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "image_id": record.image_id,
         "path": str(record.path),
         "boxes": [[box.x, box.y, box.w, box.h, box.category] for box in boxes],
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(payload, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(payload).encode("utf-8"))
