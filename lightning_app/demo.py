@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.shapes import ShapesConfig, generate_shapes, shapes_ready
+from lightning_app.inputs import shapes_root_for
 from lightning_app.report import Report
 from lightning_app.stages import StageRecord, run_stages
 from lightning_app.training import TrainedCaptioner, read_metrics, train_captioner
@@ -416,9 +417,7 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
     args = parser.parse_args(argv)
-    data = args.data or "data/shapes" + ("_smoke" if args.profile == "smoke" else "") + (
-        f"_seed{args.seed}" if args.seed else ""
-    )
+    data = args.data or shapes_root_for(smoke=args.profile == "smoke", seed=args.seed)
     ctx = run_demo(Path(args.out), Path(data), args.profile, args.seed, wandb=not args.no_wandb)
     test = ctx.results.get("baseline", {}).get("test", {})
     bleu4, cider = test.get("bleu4", float("nan")), test.get("cider", float("nan"))

@@ -14,7 +14,7 @@ import yaml
 from datamodules.errors import RobucapError
 from datamodules.formats.detect import detect_format
 
-__all__ = ["checkpoint_path", "data_options"]
+__all__ = ["checkpoint_path", "data_options", "shapes_root_for"]
 
 
 def data_options(config: Path | None, data_root: str | None) -> dict[str, Any]:
@@ -64,3 +64,18 @@ def checkpoint_path(path: str | Path) -> Path:
     if not checkpoint.is_file():
         raise RobucapError(f"checkpoint {checkpoint} does not exist")
     return checkpoint
+
+
+def shapes_root_for(smoke: bool = False, seed: int = 0, image_size: int = 64) -> str:
+    """``data/shapes`` for the default shapes data, else a folder named after the settings that differ.
+
+    The shapes generator refuses to rewrite a dataset made with other settings, so a command whose profile, seed or
+    image size asks for other shapes data defaults to its own folder (``data/shapes_smoke_seed2_32px``) instead of
+    an error about the shared one.
+    """
+    parts = (
+        (["smoke"] if smoke else [])
+        + ([f"seed{seed}"] if seed else [])
+        + ([f"{image_size}px"] if image_size != 64 else [])
+    )
+    return "data/shapes" + "".join(f"_{part}" for part in parts)

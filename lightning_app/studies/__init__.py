@@ -10,6 +10,7 @@ from typing import Any
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
+from lightning_app.inputs import shapes_root_for
 from lightning_app.report import Report
 from lightning_app.stages import StageRecord, run_stages
 
@@ -88,12 +89,9 @@ def default_data_root(args: argparse.Namespace, shapes: dict[str, Any]) -> str:
     """
     if args.data_format != "shapes":
         raise RobucapError(f"--data-format {args.data_format} needs --data-root (the dataset directory)")
-    parts = ["smoke"] if shapes else []
-    if args.name == "freeze" and args.seed not in (None, 0):
-        parts.append(f"seed{args.seed}")  # the freeze study generates its data with its seed
-    if args.image_size != 64:
-        parts.append(f"{args.image_size}px")
-    return "data/shapes" + "".join(f"_{part}" for part in parts)
+    # The freeze study generates its shapes data with its own seed; the others use the data of seed 0.
+    seed = args.seed if args.name == "freeze" and args.seed is not None else 0
+    return shapes_root_for(smoke=bool(shapes), seed=seed, image_size=args.image_size)
 
 
 def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
