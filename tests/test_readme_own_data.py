@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers.fake_datasets import tree_digest
 from helpers.messy_flickr8k import write_messy_flickr8k
 
 from lightning_app.cli import main
@@ -46,6 +47,7 @@ def test_readme_walkthrough_on_a_flickr8k_download(tmp_path: Path, monkeypatch: 
     photos.mkdir()
     for name in names["test"][:3]:
         (photos / name).write_bytes((tmp_path / "data/flickr8k/Flicker8k_Dataset" / name).read_bytes())
+    before = {folder: tree_digest(tmp_path / folder) for folder in ("data", "my_photos")}
     commands = readme_commands()
     assert [c.split()[0] if "=" not in c.split()[0] else "VAR" for c in commands][:1] == ["robucap"]
     ran: list[str] = []
@@ -69,6 +71,8 @@ def test_readme_walkthrough_on_a_flickr8k_download(tmp_path: Path, monkeypatch: 
         assert main([command, *argv]) == 0, line
         ran.append(command)
     assert ran == ["fit", "test", "predict", "predict", "attack", "export"]
+    # No command wrote into the dataset or the photo folder.
+    assert {folder: tree_digest(tmp_path / folder) for folder in before} == before
 
     runs = tmp_path / "runs" / "flickr8k"
     predictions = sorted(runs.rglob("predictions.jsonl"), key=lambda p: p.stat().st_mtime)
