@@ -309,7 +309,11 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> tuple[
     datamodule = build_datamodule(args, workdir)
     L.seed_everything(SEED, workers=True, verbose=False)
     module = CaptioningModule.with_tokenizer(
-        datamodule.tokenizer, arch=ARCH, preset=PRESET, image_size=args.image_size, lr=LR, warmup_steps=WARMUP_STEPS
+        datamodule.tokenizer,
+        captioner={"class_path": ARCH, "init_args": {"preset": PRESET}},
+        image_size=args.image_size,
+        lr=LR,
+        warmup_steps=WARMUP_STEPS,
     )
     robust_clock, backdoor_clock = Stopwatch(device), Stopwatch(device)
     robustness, backdoor = RobustnessEvaluation(), BackdoorEvaluation()

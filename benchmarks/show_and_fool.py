@@ -32,8 +32,9 @@ import torch
 
 from benchmarks.harness import add_device_option, machine_info, sync_device, write_report
 from benchmarks.synthetic import build_tokenizer
-from modules.attacks.show_and_fool import ShowAndFool
+from modules.attacks import ShowAndFool
 from modules.captioning import CaptioningModule
+from modules.victims import CaptionObjective
 
 DEFAULT_OUT = Path("benchmarks/results/show_and_fool.json")
 ARCHS = ("vit_gpt2", "show_attend_tell")
@@ -44,9 +45,11 @@ PAPER_SECONDS_PER_IMAGE = 38.0
 def _timed_attack(
     attack: ShowAndFool, module: CaptioningModule, images: torch.Tensor, targets: list[list[int]]
 ) -> float:
+    # Show-and-Fool's targeted-caption objective (eq. 7), built outside the timed window.
+    objective = CaptionObjective.targeting(module.captioner, targets, loss="logits", device=images.device)
     sync_device(images.device)
     start = time.perf_counter()
-    attack(module.captioner, images, targets)
+    attack(objective, images)
     sync_device(images.device)
     return time.perf_counter() - start
 
@@ -55,7 +58,8 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
     """Interleaved batch-1 and batch-B timings of one architecture."""
     tokenizer = build_tokenizer(args.seed)
     torch.manual_seed(args.seed)
-    module = CaptioningModule.with_tokenizer(tokenizer, arch=arch, preset="tiny", image_size=args.image_size)
+    captioner = {"class_path": arch, "init_args": {"preset": "tiny"}}
+    module = CaptioningModule.with_tokenizer(tokenizer, captioner=captioner, image_size=args.image_size)
     module = module.to(device).eval()
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.rand(args.batch_large, 3, args.image_size, args.image_size, generator=gen).to(device)

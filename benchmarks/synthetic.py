@@ -114,4 +114,6 @@ class PrebuiltBatches(Dataset):
 def build_module(tokenizer: PreTrainedTokenizerFast, preset: str, image_size: int, seed: int) -> CaptioningModule:
     """A randomly initialised module, the same for a given seed."""
     torch.manual_seed(seed)
-    return CaptioningModule.with_tokenizer(tokenizer, preset=preset, image_size=image_size)
+    return CaptioningModule.with_tokenizer(
+        tokenizer, captioner={"class_path": "vit_gpt2", "init_args": {"preset": preset}}, image_size=image_size
+    )

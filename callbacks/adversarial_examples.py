@@ -1,6 +1,7 @@
-"""Show what an attack does: original / adversarial / amplified difference, with captions.
+"""Show what an attack does: original / adversarial / difference, with captions.
 
-The layout of Table 1 in Rashid & Rivas 2024.
+The layout of Table 1 in Rashid & Rivas 2024; the difference is drawn with the gain rule of every robucap figure
+(:mod:`callbacks.image_grid`).
 """
 
 from __future__ import annotations
@@ -13,36 +14,21 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from modules.attacks import build_attack, check_epsilon
+from callbacks.image_grid import caption_grid_png, difference_gain, difference_image, gain_label
+from modules.attacks import FG, build_attack, check_epsilon
+from modules.victims.captioner import CaptionObjective
 
-__all__ = ["AdversarialExamples", "amplified_difference"]
-
-
-def amplified_difference(clean: torch.Tensor, adversarial: torch.Tensor, signed: bool = True) -> torch.Tensor:
-    """The perturbation ``δ = adversarial - clean`` stretched per image to fill [0, 1].
-
-    Args:
-        clean: Shape: ``(B, 3, H, W)`` in [0, 1].
-        adversarial: Shape: ``(B, 3, H, W)`` in [0, 1].
-        signed: Map ``δ`` to ``0.5 + 0.5 * δ / max|δ|`` (grey = unchanged, brighter = raised, darker = lowered).
-            FGSM moves almost every pixel by exactly ε, so ``|δ|`` alone is a nearly uniform white image; its sign
-            pattern (the patch-aligned structure Rashid & Rivas 2024 points out for ViT) is what carries information.
-            ``False`` gives ``|δ| / max|δ|``.
-
-    Returns:
-        Shape: ``(B, 3, H, W)`` in [0, 1]; grey (signed) or black (absolute) where nothing changed.
-    """
-    delta = adversarial.float() - clean.float()
-    peak = delta.abs().flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    return (0.5 + 0.5 * delta / peak) if signed else delta.abs() / peak
+__all__ = ["AdversarialExamples"]
 
 
 class AdversarialExamples(L.Callback):
     """Every validation epoch, a grid of the first validation images of rank 0 under attack.
 
     One row per image: the original with its generated caption, the adversarial image with its caption, and the
-    perturbation stretched to fill [0, 1] (labelled with its true L-infinity size), as in Rashid & Rivas's (2024)
-    Table 1. The perturbation is shown signed by default (see :func:`amplified_difference`).
+    perturbation ``δ`` around grey (labelled with the gain and its true L-infinity size), as in Rashid & Rivas's (2024)
+    Table 1. ``δ`` is drawn signed: FGSM moves almost every pixel by exactly ε, so ``|δ|`` would be a nearly uniform
+    image; its sign pattern (the patch-aligned structure Rashid & Rivas 2024 points out for ViT) carries the
+    information. The gain is ``0.5 / ε`` for an L-infinity budget, so every epoch's grid shares one scale.
     The attack is white-box against the current weights, untargeted on the first reference caption.
 
     The grid goes to W&B (``WandbLogger.log_image`` under ``key``) and, for every other logger with a log directory
@@ -54,7 +40,6 @@ class AdversarialExamples(L.Callback):
         attack: Attack name from :mod:`modules.attacks`.
         epsilon: Budget in [0, 1] pixel units.
         attack_kwargs: Options of the attack.
-        signed_difference: Show ``δ`` around grey (default) rather than ``|δ|`` from black.
         key: W&B image key.
     """
 
@@ -64,7 +49,6 @@ class AdversarialExamples(L.Callback):
         attack: str = "fgsm",
         epsilon: float = 0.05,
         attack_kwargs: dict[str, Any] | None = None,
-        signed_difference: bool = True,
         key: str = "val/adversarial_examples",
     ) -> None:
         super().__init__()
@@ -72,10 +56,29 @@ class AdversarialExamples(L.Callback):
         self.epsilon = check_epsilon(epsilon, "AdversarialExamples epsilon")
         self.attack_name = attack
         self.attack = build_attack(attack, self.epsilon, **dict(attack_kwargs or {}))
-        self.signed_difference = signed_difference
         self.key = key
         self.rows: list[dict[str, Any]] = []
         self.last_path: Path | None = None
+
+    def grid(self) -> tuple[list[torch.Tensor], list[str]]:
+        """The grid's panels (original, adversarial, difference per row) and their captions.
+
+        Shape:
+            Every panel: ``(3, H, W)`` in [0, 1].
+        """
+        # An L-infinity budget sets the scale; FG's budget is L2, no pixel bound, so its largest change does.
+        budget = None if isinstance(self.attack, FG) else self.epsilon
+        gain = difference_gain([row["adversarial"] - row["clean"] for row in self.rows], budget)
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        for row in self.rows:
+            images += [row["clean"], row["adversarial"], difference_image(row["clean"], row["adversarial"], gain)]
+            captions += [
+                f"original: {row['clean_caption']}",
+                f"{self.attack_name} ε={self.epsilon:g}: {row['adversarial_caption']}",
+                f"{gain_label(gain)} (max |δ| {row['linf']:.3f} = {row['linf'] * 255:.1f}/255)",
+            ]
+        return images, captions
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows = []
@@ -94,16 +97,14 @@ class AdversarialExamples(L.Callback):
             return
         take = self.num_images - len(self.rows)
         images = batch["pixel_values"][:take]
-        adversarial = self.attack(pl_module.captioner, images, batch["labels"][:take])
+        adversarial = self.attack(CaptionObjective(pl_module.captioner, batch["labels"][:take]), images).adversarial
         clean_captions = pl_module.caption(images)
         adversarial_captions = pl_module.caption(adversarial)
-        differences = amplified_difference(images, adversarial, self.signed_difference)
         for i in range(images.shape[0]):
             self.rows.append(
                 {
                     "clean": images[i].detach().float().cpu(),
                     "adversarial": adversarial[i].detach().float().cpu(),
-                    "difference": differences[i].cpu(),
                     "linf": float((adversarial[i].float() - images[i].float()).abs().max()),
                     "clean_caption": clean_captions[i],
                     "adversarial_caption": adversarial_captions[i],
@@ -113,18 +114,7 @@ class AdversarialExamples(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.rows:
             return
-        from callbacks.image_grid import caption_grid_png
-
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
-        symbol = "δ" if self.signed_difference else "|δ|"
-        for row in self.rows:
-            images += [row["clean"], row["adversarial"], row["difference"]]
-            captions += [
-                f"original: {row['clean_caption']}",
-                f"{self.attack_name} ε={self.epsilon:g}: {row['adversarial_caption']}",
-                f"{symbol} amplified (max {row['linf']:.3f} = {row['linf'] * 255:.1f}/255)",
-            ]
+        images, captions = self.grid()
         png = caption_grid_png(images, captions, columns=3)
         name = f"epoch_{trainer.current_epoch:03d}.png"
         directories: list[Path] = []

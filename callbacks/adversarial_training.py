@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from datamodules.datasets import CaptionPairs
 from datamodules.errors import RobucapError
-from modules.attacks import Attack, build_attack, check_epsilon
+from modules.attacks import BudgetAttack, build_attack, check_epsilon
 from modules.metrics.bleu import image_key
+from modules.victims.captioner import CaptionObjective
 
 __all__ = ["MODES", "AdversarialTraining"]
 
@@ -122,7 +123,7 @@ class AdversarialTraining(L.Callback):
             return self.epsilon
         return self.epsilon * min(1.0, global_step / self.epsilon_warmup_steps)
 
-    def _attack_at(self, epsilon: float) -> Attack:
+    def _attack_at(self, epsilon: float) -> BudgetAttack:
         if epsilon != self._attack.epsilon:
             # Rebuilt rather than mutated: step sizes derived from epsilon (PGD, FGSM-RS) must follow it.
             self._attack = build_attack(self.attack_name, epsilon, **self.attack_kwargs)
@@ -147,7 +148,9 @@ class AdversarialTraining(L.Callback):
                 )
         else:
             epsilon = self.current_epsilon(trainer.global_step)
-            adversarial = self._attack_at(epsilon)(pl_module.captioner, images, batch["labels"])
+            adversarial = self._attack_at(epsilon)(
+                CaptionObjective(pl_module.captioner, batch["labels"]), images
+            ).adversarial
         pl_module.log("train/adv_epsilon", epsilon, on_step=True, on_epoch=False, batch_size=1)
         if self.mode == "mixed":
             double_batch(batch, adversarial)
@@ -221,7 +224,8 @@ class AdversarialTraining(L.Callback):
         )
         with torch.inference_mode(False):
             for keys, images, labels in _first_captions(loader, rank, world, cache_dir):
-                adversarial = attack(captioner, images.to(pl_module.device), labels.to(pl_module.device))
+                objective = CaptionObjective(captioner, labels.to(pl_module.device))
+                adversarial = attack(objective, images.to(pl_module.device)).adversarial
                 for key, image in zip(keys, adversarial.to("cpu", CACHE_DTYPE), strict=True):
                     _atomic_save(image.clone(), _cache_file(cache_dir, key))
                 progress.update(len(keys))

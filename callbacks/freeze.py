@@ -8,13 +8,13 @@ fit bitwise unchanged.
 Hook order (Lightning 2.6): ``Callback.setup`` → ``LightningModule.setup`` → ``configure_model`` → DDP wrapping and
 ``configure_optimizers`` → ``on_fit_start``. ``BaseFinetuning`` freezes in ``Callback.setup``, but a
 ``CaptioningModule`` built by the Trainer (CLI runs) only gets its captioner in ``configure_model``, after that hook.
-In that case the freeze is chained to the module's ``configure_model`` call, which still precedes both the DDP wrapper
-(it must only see trainable parameters) and the optimizer.
+So the callback asks the module to freeze the part (:meth:`~modules.captioning.CaptioningModule.freeze_part`): the
+module freezes it at once if the captioner exists, else right after building it in ``configure_model``, which still
+precedes both the DDP wrapper (it must only see trainable parameters) and the optimizer. Nothing on the module is
+replaced or patched.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
@@ -25,9 +25,6 @@ from torch.optim import Optimizer
 from datamodules.errors import RobucapError
 
 __all__ = ["FreezeDecoder", "FreezeEncoder", "parameter_counts"]
-
-# Marks the instance-level configure_model wrapper, so teardown removes only our own.
-_WRAPPER_FLAG = "_robucap_freeze_wrapper"
 
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:
@@ -63,31 +60,16 @@ class _FreezePart(BaseFinetuning):
     # -- BaseFinetuning -------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._check_not_both(trainer)
-        if not hasattr(pl_module, "captioner"):
+        if not callable(getattr(pl_module, "freeze_part", None)):
             raise RobucapError(
                 f"{type(self).__name__} needs a LightningModule with a `captioner` (CaptioningModule), "
                 f"got {type(pl_module).__name__}"
             )
-        if pl_module.captioner is not None:
-            super().setup(trainer, pl_module, stage)
-            return
-        # The captioner is built in configure_model, which Lightning calls after this hook but before wrapping the
-        # model in DDP and configuring the optimizer: freeze right after it.
-        original = pl_module.configure_model
-        parent_setup = super().setup
-
-        def configure_model_then_freeze() -> None:
-            original()
-            pl_module.__dict__.pop("configure_model", None)
-            parent_setup(trainer, pl_module, stage)
-
-        setattr(configure_model_then_freeze, _WRAPPER_FLAG, True)
-        # nn.Module.__setattr__ stores a plain function in the instance dict, shadowing the class method.
-        pl_module.configure_model = configure_model_then_freeze
+        super().setup(trainer, pl_module, stage)
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
-        """Freeze the part (its parameters get ``requires_grad=False``)."""
-        self.freeze(self._part_module(pl_module), train_bn=self.train_bn)
+        """Ask the module to freeze the part, now or as soon as it builds its captioner (see the module docstring)."""
+        pl_module.freeze_part(self.part, train_bn=self.train_bn, requested_by=type(self).__name__)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Nothing to do: the part stays frozen for the whole fit."""
@@ -104,10 +86,11 @@ class _FreezePart(BaseFinetuning):
                 logger.log_metrics(dict(self.param_counts), step=trainer.global_step)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # A run that failed before configure_model would otherwise leave the wrapper on the module.
-        wrapper = pl_module.__dict__.get("configure_model")
-        if wrapper is not None and getattr(wrapper, _WRAPPER_FLAG, False):
-            del pl_module.__dict__["configure_model"]
+        # The request belongs to this fit: a later fit of the same module without the callback must not inherit it
+        # (parameters frozen during this fit stay frozen, as with BaseFinetuning).
+        frozen_parts = getattr(pl_module, "frozen_parts", None)
+        if isinstance(frozen_parts, dict):
+            frozen_parts.pop(self.part, None)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _check_not_both(self, trainer: L.Trainer) -> None:
@@ -117,20 +100,6 @@ class _FreezePart(BaseFinetuning):
                 "FreezeEncoder and FreezeDecoder together would freeze the whole captioner and leave nothing to "
                 "train; use one of them (Rashid & Rivas 2024: freeze the ViT encoder, or the GPT-2 decoder)"
             )
-
-    def _part_module(self, pl_module: L.LightningModule) -> nn.Module:
-        captioner: Any = getattr(pl_module, "captioner", None)
-        name = type(self).__name__
-        if captioner is None:
-            raise RobucapError(f"{name}: the module has no captioner to freeze (configure_model did not build one)")
-        kind = type(captioner).__name__
-        try:
-            module = getattr(captioner, self.part)
-        except (AttributeError, NotImplementedError) as err:
-            raise RobucapError(f"{name}: the captioner {kind} has no {self.part} to freeze ({err})") from err
-        if not isinstance(module, nn.Module) or next(iter(module.parameters()), None) is None:
-            raise RobucapError(f"{name}: the captioner {kind} has no {self.part} with parameters to freeze")
-        return module
 
 
 class FreezeEncoder(_FreezePart):

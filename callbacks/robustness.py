@@ -10,8 +10,10 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 
 from datamodules.errors import RobucapError
 from modules.attacks import Attack, build_attack, check_epsilon
+from modules.captioners.base import Captioner
 from modules.metrics import CaptionBLEU
 from modules.metrics.bleu import BLEU_KEYS, image_key
+from modules.victims.captioner import CaptionObjective
 
 __all__ = ["RobustnessEvaluation", "metric_suffix"]
 
@@ -153,7 +155,7 @@ def _ids(image_ids: Any) -> list[Any]:
 
 
 def _run_attack(
-    attack: Attack, captioner: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ids: list[Any]
+    attack: Attack, captioner: Captioner, images: torch.Tensor, labels: torch.Tensor, ids: list[Any]
 ) -> torch.Tensor:
     """Adversarial images; random starts are drawn per image from a generator seeded by the image id.
 
@@ -161,14 +163,14 @@ def _run_attack(
         ``images``: ``(B, 3, H, W)``; ``labels``: ``(B, T)``; returns ``(B, 3, H, W)``.
     """
     if not getattr(attack, "random_start", False):
-        return attack(captioner, images, labels)
+        return attack(CaptionObjective(captioner, labels), images).adversarial
     # manual_seed reseeds every CUDA device, so fork_rng must restore all of them.
     devices = list(range(torch.cuda.device_count())) if images.device.type == "cuda" else []
     rows = []
     for row, image_id in enumerate(ids):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed((_SEED ^ image_key(image_id)) & 0x7FFFFFFFFFFFFFFF)
-            rows.append(attack(captioner, images[row : row + 1], labels[row : row + 1]))
+            rows.append(attack(CaptionObjective(captioner, labels[row : row + 1]), images[row : row + 1]).adversarial)
     return torch.cat(rows)
 
 

@@ -163,7 +163,10 @@ def _print_help() -> None:
         "  data shapes --out DIR      write the procedural shapes dataset\n"
         "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text', model=DIR,\n"
         "                             trust_remote_code=True) loads it)\n"
-        "  demo --out DIR             train, test and report the tiny baseline on shapes\n"
+        "  demo --out DIR [--profile quick|full|smoke] [--STAGE.FIELD V]  train, test and report the tiny\n"
+        "                             baseline on shapes, then the studies (--print_config / --config FILE, as fit)\n"
+        "  study NAME --out DIR [--profile full|quick|smoke] [--data.FIELD V] [--study.FIELD V]  --profile P is\n"
+        "                             --config configs/study/NAME_P.yaml (--print_config prints the settings)\n"
         "  study freeze --out DIR     Rashid & Rivas 2024's five phases: adversarial training, encoder / decoder\n"
         "                             frozen\n"
         "  study backdoor --out DIR   Li et al. 2022's Table 2: benign, BadNets and object-noise backdoored\n"
@@ -171,7 +174,8 @@ def _print_help() -> None:
         "  study transfer --out DIR   Show-and-Fool (Chen et al. 2018), Liu et al. 2017: transfer matrix and\n"
         "                             leave-one-out ensembles over 3 captioners\n"
         "  poison-scan --ckpt X --config Y --out DIR  rank training images by a spectral-signature poisoning score\n"
-        "  attack {show-and-fool,fgsm,pgd,ensemble} --ckpt X --data-root D --out DIR  attack a captioner, report it\n"
+        "  attack NAME --ckpt X --data_root D --out DIR  attack a captioner and report it; robucap attack --help\n"
+        "                             lists the attacks (--print_config / --config configs/attack/NAME.yaml)\n"
     )
 
 

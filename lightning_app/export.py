@@ -23,9 +23,10 @@ import os
 import shutil
 from pathlib import Path
 
+from transformers import VisionEncoderDecoderModel
+
 from datamodules.errors import RobucapError
 from datamodules.image_processing_robucap import RobucapImageProcessor
-from modules.captioners import ViTGPT2Captioner
 from modules.captioning import CaptioningModule, read_checkpoint_tokenizer
 
 __all__ = ["EXPORT_MARKER", "export_checkpoint", "load_module"]
@@ -68,8 +69,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     previous = _previous_export_files(out)
     module = load_module(checkpoint)
     captioner = module.captioner
-    if not isinstance(captioner, ViTGPT2Captioner):
-        raise RobucapError(f"only ViT-GPT2 captioners export to transformers, not {type(captioner).__name__}")
+    # The captioner says whether it has a transformers form (Captioner.transformers_model raises if not).
+    model = captioner.transformers_model()
+    if not isinstance(model, VisionEncoderDecoderModel):
+        raise RobucapError(
+            f"the {type(captioner).__name__} captioner's transformers model is a {type(model).__name__}; the export's "
+            "loading code supports VisionEncoderDecoderModel captioners only"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -80,7 +86,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
             path.unlink()
     before = set(os.listdir(out))
 
-    model = captioner.model
     model.generation_config.max_new_tokens = module.hparams.max_new_tokens
     model.generation_config.num_beams = module.hparams.num_beams
     # Loaded with trust_remote_code=True: the model class with the right loss, and the pipeline that keeps alpha

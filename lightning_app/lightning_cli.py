@@ -15,6 +15,7 @@ from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import load_tokenizer
 from lightning_app.quiet import quiet_evaluation, quiet_third_party
+from modules.captioners import resolve_captioner_settings
 from modules.captioning import CaptioningModule
 from modules.checkpoint import ARCHITECTURE_KEYS, CheckpointInfo, read_checkpoint_info, same_tokenizer
 
@@ -66,6 +67,24 @@ class RobucapCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.image_size", "model.image_size")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing, with a short name written as a config file's ``class_path`` made a one-line error.
+
+        jsonargparse imports every ``class_path`` while it merges config files and raises a bare ``ValueError`` for
+        one that is not a dotted path (``class_path: show_attend_tell``), before any of our code sees the value.
+        """
+        try:
+            super().parse_arguments(parser, args)
+        except ValueError as err:
+            prefix = "Expected a dot import path string: "
+            if not str(err).startswith(prefix):
+                raise
+            name = str(err)[len(prefix) :]
+            raise RobucapError(
+                f"class_path {name!r} is not a dotted import path; write a captioner by its short name alone "
+                f"(captioner: {name}) or by its settings class (class_path: modules.captioners.<file>.<Settings>)"
+            ) from err
 
     # -- the checkpoint decides the model ------------------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
@@ -154,8 +173,11 @@ def apply_checkpoint_settings(
         current = config.model[key]
         explicit = _plain(current) != _plain(defaults.model.get(key))
         if key in ARCHITECTURE_KEYS:
-            if explicit and _plain(current) != _plain(saved):
-                conflicts.append(f"model.{key} is {current!r} but the checkpoint's captioner has {saved!r}")
+            if explicit and _architecture(key, current) != _architecture(key, saved):
+                conflicts.append(
+                    f"model.{key} is {_architecture(key, current)} but the checkpoint's captioner has "
+                    f"{_architecture(key, saved)}"
+                )
             config.model[key] = saved
         elif not explicit:
             config.model[key] = saved
@@ -177,6 +199,14 @@ def place_logs_under_root(config: Namespace) -> None:
         init_args = logger.get("init_args")
         if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir is None:
             init_args.save_dir = str(root)
+
+
+def _architecture(key: str, value: Any) -> Any:
+    """An architecture setting in one comparable form: the captioner as its full ``{class_path, init_args}`` dict
+    (a short name or omitted defaults mean the same captioner as the checkpoint's full form)."""
+    if key == "captioner":
+        return _plain(resolve_captioner_settings(_plain(value)).to_dict())
+    return _plain(value)
 
 
 def _plain(value: Any) -> Any:

@@ -10,14 +10,15 @@ ranking finds the poisoned images: precision and recall when flagging the top ``
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from callbacks.image_grid import figure_png, pyplot
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from lightning_app.inputs import checkpoint_path, data_options
@@ -27,7 +28,22 @@ from modules.defenses import encoder_features, ranking_quality, spectral_signatu
 from modules.evaluation import evaluation_loader
 
 
-def scan(module: CaptioningModule, datamodule: CaptionDataModule, remove_share: float = 0.45) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ScanResult:
+    """The outcome of a scan.
+
+    Attributes:
+        block: The ``poison_scan`` block of ``results.json`` (plain JSON).
+        scores: Each training image's poisoning score. Shape: ``(N,)``.
+        is_poisoned: Each training image's ground truth. Shape: ``(N,)``.
+    """
+
+    block: dict[str, Any]
+    scores: torch.Tensor
+    is_poisoned: torch.Tensor
+
+
+def scan(module: CaptioningModule, datamodule: CaptionDataModule, remove_share: float = 0.45) -> ScanResult:
     """Score every training image and measure the ranking against the poisoning ground truth.
 
     Args:
@@ -36,7 +52,7 @@ def scan(module: CaptioningModule, datamodule: CaptionDataModule, remove_share: 
         remove_share: Share of the training images flagged (the top scores).
 
     Returns:
-        The ``poison_scan`` block of ``results.json`` plus ``scores`` and ``is_poisoned`` tensors (underscored keys).
+        The ``poison_scan`` block of ``results.json``, the scores and the ground truth.
     """
     if not 0.0 < remove_share <= 1.0:
         raise RobucapError(f"poison-scan remove_share must be in (0, 1], got {remove_share}")
@@ -50,7 +66,7 @@ def scan(module: CaptioningModule, datamodule: CaptionDataModule, remove_share: 
     truth = torch.tensor([r.poisoned for r in records], dtype=torch.bool)
     flagged = ranking_quality(scores, truth, round(remove_share * len(records)))
     at_truth = ranking_quality(scores, truth, int(truth.sum()))
-    return {
+    block = {
         "method": "spectral_signature",
         "remove_share": remove_share,
         "k": flagged["k"],
@@ -61,19 +77,14 @@ def scan(module: CaptioningModule, datamodule: CaptionDataModule, remove_share: 
         "n": flagged["n"],
         "n_poisoned": flagged["n_poisoned"],
         "feature_dim": int(features.shape[1]),
-        "_scores": scores,
-        "_is_poisoned": truth,
     }
+    return ScanResult(block, scores, truth)
 
 
-def histogram_png(block: dict[str, Any]) -> bytes:
+def histogram_png(result: ScanResult) -> bytes:
     """Score histograms of clean and poisoned training images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores, truth = block["_scores"], block["_is_poisoned"]
+    plt = pyplot()
+    scores, truth = result.scores, result.is_poisoned
     fig, ax = plt.subplots(figsize=(7, 3))
     top = float(scores.max()) if scores.numel() else 1.0
     bins = torch.linspace(0, top if top > 0 else 1.0, 50).tolist()
@@ -81,11 +92,7 @@ def histogram_png(block: dict[str, Any]) -> bytes:
     ax.hist(scores[truth].tolist(), bins=bins, alpha=0.6, label="poisoned")
     ax.set(xlabel="spectral signature score", ylabel="training images", yscale="log")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def poison_scan_main(argv: list[str]) -> int:
@@ -108,7 +115,8 @@ def poison_scan_main(argv: list[str]) -> int:
     except TypeError as error:
         raise RobucapError(f"config file {args.config}: bad data: options ({error})") from error
     datamodule.prepare_data()
-    block = scan(module, datamodule, args.remove_share)
+    result = scan(module, datamodule, args.remove_share)
+    block = result.block
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report("robucap poison-scan")
@@ -121,9 +129,8 @@ def poison_scan_main(argv: list[str]) -> int:
         ["k", "precision", "recall", "precision at k = #poisoned", "ROC AUC"],
         [[block["k"], block["precision"], block["recall"], block["r_precision"], block["auroc"]]],
     )
-    report.image(histogram_png(block), "score histogram")
-    public = {k: v for k, v in block.items() if not k.startswith("_")}
-    results = {"poison_scan": public, "checkpoint": str(args.ckpt), "seconds": round(time.perf_counter() - start, 1)}
+    report.image(histogram_png(result), "score histogram")
+    results = {"poison_scan": block, "checkpoint": str(args.ckpt), "seconds": round(time.perf_counter() - start, 1)}
     results["report"] = str(out / "report.html")
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
     report.write(out / "report.html")

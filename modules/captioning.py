@@ -4,60 +4,74 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerFast
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo, tokenizer_from_state, tokenizer_to_state
-from modules.captioners import Captioner, build_captioner
-from modules.checkpoint import TOKENIZER_KEY, read_checkpoint_info, same_tokenizer
+from modules.captioners import Captioner, CaptionerSettings, ViTGPT2Settings, resolve_captioner_settings
+from modules.captioners.base import BEAM_LENGTH_PENALTY
+from modules.checkpoint import TOKENIZER_KEY, read_checkpoint_info, same_tokenizer, upgrade_model_settings
 from modules.metrics import CaptionBLEU, coco_caption_scores, gather_unique
 from modules.schedules import SCHEDULES
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class FreezeRequest:
+    """A part of the captioner to keep frozen (see :meth:`CaptioningModule.freeze_part`).
+
+    Attributes:
+        part: ``encoder`` or ``decoder``.
+        train_bn: Leave the part's BatchNorm layers trainable (Lightning's ``BaseFinetuning`` convention).
+        requested_by: Who asked (a callback's name), for error messages.
+    """
+
+    part: str
+    train_bn: bool = False
+    requested_by: str = "freeze_part"
+
+
 class CaptioningModule(L.LightningModule):
     """Teacher-forced training, generation-based evaluation.
 
-    The captioner is built in :meth:`configure_model`, once the tokenizer is known (from the data module, or from
-    the checkpoint being loaded, which carries its tokenizer as plain JSON).
+    The captioner is injected as settings (:mod:`modules.captioners.settings`) and built in :meth:`configure_model`,
+    once the tokenizer is known (from the data module, or from the checkpoint being loaded, which carries its
+    tokenizer as plain JSON). Nothing here depends on the architecture.
 
     Args:
-        arch: Captioner architecture (``vit_gpt2`` or ``show_attend_tell``).
-        preset: ``tiny``, ``base`` or ``pretrained``.
+        captioner: The captioner's settings object, e.g. ``ViTGPT2Settings(preset="tiny")``, or its
+            ``{"class_path": ..., "init_args": {...}}`` form (what YAML files and checkpoints hold), or a short name
+            such as ``show_attend_tell`` (default settings; also allowed as ``class_path``).
         image_size: Input side in pixels; the CLI links it to ``data.image_size``.
-        pretrained_dir: Full VisionEncoderDecoder directory for ``preset: pretrained``.
-        encoder_dir: ViT directory for ``preset: pretrained`` (with ``decoder_dir``).
-        decoder_dir: GPT-2 directory for ``preset: pretrained`` (with ``encoder_dir``).
-        overrides: Config fields changed in a random-init preset, ``{"encoder": {...}, "decoder": {...}}``.
-        encoder_weights: Local torchvision ResNet state_dict for the Show-Attend-Tell encoder.
         lr: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
+        weight_decay: AdamW weight decay (not applied to the captioner's ``no_weight_decay()`` parameters: biases,
+            norms and embeddings).
         betas: AdamW betas.
         warmup_steps: Linear warm-up steps.
         schedule: ``cosine`` (decay to ``min_lr_ratio`` × lr at the end of training) or ``constant``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``cosine``.
         max_new_tokens: Longest generated caption, EOS included.
         num_beams: 1 for greedy decoding, more for beam search.
+        length_penalty: Beam search scores a finished caption ``sum_logprobs / length ** length_penalty``, as
+            transformers does, for every captioner (0: summed log-probabilities).
         num_samples: Validation images kept each epoch (with captions) for logging.
     """
 
     def __init__(
         self,
-        arch: str = "vit_gpt2",
-        preset: str = "tiny",
+        captioner: CaptionerSettings | Mapping[str, Any] | str = ViTGPT2Settings(),
         image_size: int = 64,
-        pretrained_dir: str | None = None,
-        encoder_dir: str | None = None,
-        decoder_dir: str | None = None,
-        overrides: dict[str, dict[str, Any]] | None = None,
-        encoder_weights: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -66,6 +80,7 @@ class CaptioningModule(L.LightningModule):
         min_lr_ratio: float = 0.05,
         max_new_tokens: int = 32,
         num_beams: int = 1,
+        length_penalty: float = BEAM_LENGTH_PENALTY,
         num_samples: int = 8,
     ) -> None:
         super().__init__()
@@ -77,8 +92,12 @@ class CaptioningModule(L.LightningModule):
             raise RobucapError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if num_beams < 1 or max_new_tokens < 1 or warmup_steps < 0:
             raise RobucapError("model.num_beams and model.max_new_tokens must be >= 1, model.warmup_steps >= 0")
+        self.captioner_settings = resolve_captioner_settings(captioner)
         self.save_hyperparameters()
+        # Plain data, so checkpoints load with weights_only=True and YAML dumps read like the config files.
+        self.hparams["captioner"] = self.captioner_settings.to_dict()
         self.captioner: Captioner | None = None
+        self.frozen_parts: dict[str, FreezeRequest] = {}
         self.tokenizer: PreTrainedTokenizerFast | None = None
         self.val_bleu = CaptionBLEU()
         self.val_samples: list[dict[str, Any]] = []
@@ -115,33 +134,88 @@ class CaptioningModule(L.LightningModule):
         # Without a tokenizer (load_from_checkpoint calls this hook first) the build waits for on_load_checkpoint.
         if self.captioner is not None or self.tokenizer is None:
             return
-        hp = self.hparams
-        # Only show_attend_tell knows encoder_weights; the vit_gpt2 builder keeps its own signature.
-        extra = {"encoder_weights": hp.encoder_weights} if hp.arch == "show_attend_tell" else {}
-        self.captioner = build_captioner(
-            hp.arch,
-            VocabInfo.from_tokenizer(self.tokenizer),
-            hp.image_size,
-            preset=hp.preset,
-            pretrained_dir=hp.pretrained_dir,
-            encoder_dir=hp.encoder_dir,
-            decoder_dir=hp.decoder_dir,
-            overrides=hp.overrides,
-            **extra,
-        )
+        vocab = VocabInfo.from_tokenizer(self.tokenizer)
+        self.captioner = self.captioner_settings.build(vocab, self.hparams.image_size)
+        # Lightning calls this hook before wrapping the model in DDP and building the optimizer, so parts frozen
+        # here are in neither.
+        for request in self.frozen_parts.values():
+            self._freeze(request)
+
+    @property
+    def architecture(self) -> str:
+        """The captioner's short name (``vit_gpt2``), or its settings class path for an unnamed one."""
+        return self.captioner_settings.name or self.hparams["captioner"]["class_path"]
+
+    # -- freezing -----------------------------------------------------------------------------------------------
+    def freeze_part(self, part: str, train_bn: bool = False, requested_by: str = "freeze_part") -> None:
+        """Keep ``captioner.<part>`` frozen: now if the captioner exists, else as soon as :meth:`configure_model`
+        builds it (and again whenever it is rebuilt). Callbacks such as ``FreezeEncoder`` call this from their
+        ``setup``; frozen parameters get ``requires_grad=False`` and stay out of the optimizer.
+
+        Args:
+            part: ``encoder`` or ``decoder``.
+            train_bn: Leave the part's BatchNorm layers trainable.
+            requested_by: Named in error messages.
+
+        Raises:
+            RobucapError: The captioner has no such part with parameters.
+        """
+        request = FreezeRequest(part, train_bn, requested_by)
+        self.frozen_parts[part] = request
+        if self.captioner is not None:
+            self._freeze(request)
+
+    def _freeze(self, request: FreezeRequest) -> None:
+        captioner = self.captioner
+        prefix = f"{request.requested_by}: the captioner {type(captioner).__name__} has no {request.part}"
+        try:
+            module = getattr(captioner, request.part)
+        except (AttributeError, NotImplementedError) as err:
+            raise RobucapError(f"{prefix} to freeze ({err})") from err
+        if not isinstance(module, nn.Module) or next(iter(module.parameters()), None) is None:
+            raise RobucapError(f"{prefix} with parameters to freeze")
+        BaseFinetuning.freeze(module, train_bn=request.train_bn)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TOKENIZER_KEY] = tokenizer_to_state(self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the checkpoint's tokenizer: its weights mean nothing with another vocabulary or word order."""
+        """Take the checkpoint's tokenizer: its weights mean nothing with another vocabulary or word order.
+
+        A checkpoint from before captioners were injected names its captioner with flat settings (``arch``,
+        ``preset``...) that ``load_from_checkpoint`` drops; its captioner is taken here, before it is built.
+        """
         if TOKENIZER_KEY not in checkpoint:
             raise RobucapError("this checkpoint was not written by robucap's CaptioningModule (no tokenizer inside)")
+        self._adopt_legacy_captioner(checkpoint.get("hyper_parameters") or {})
         saved = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
         if self.tokenizer is not None and not same_tokenizer(self.tokenizer, saved):
             self._adopt_tokenizer(saved)
         self.tokenizer = saved
         self.configure_model()
+
+    def _adopt_legacy_captioner(self, hparams: Mapping[str, Any]) -> None:
+        """Use the captioner that an older checkpoint's ``arch``/``preset``/... settings name.
+
+        ``load_from_checkpoint`` built this module with the default captioner settings (it drops settings that are
+        not ``__init__`` arguments) and has not built the captioner yet; a module that has one (the CLI builds it
+        from :func:`~modules.checkpoint.read_checkpoint_info`, which translates the same way) must be of the same
+        architecture.
+
+        Raises:
+            RobucapError: The settings name no captioner, or another architecture than the built one.
+        """
+        if "captioner" in hparams or ("arch" not in hparams and self.captioner is not None):
+            return  # today's form (already this module's settings), or a module built by hand for bare weights
+        upgraded = upgrade_model_settings(hparams, "this checkpoint")
+        settings = resolve_captioner_settings(upgraded["captioner"])
+        if self.captioner is None:
+            self.captioner_settings = settings
+            self.hparams["captioner"] = upgraded["captioner"]
+        elif type(settings) is not type(self.captioner_settings):
+            raise RobucapError(
+                f"this checkpoint holds a {hparams['arch']} captioner, but the module was built as {self.architecture}"
+            )
 
     def _adopt_tokenizer(self, saved: PreTrainedTokenizerFast) -> None:
         """Rebuild the captioner for a checkpoint whose tokenizer differs from the one the module was set up with.
@@ -175,14 +249,19 @@ class CaptioningModule(L.LightningModule):
         return self.captioner(pixel_values, labels).loss
 
     @torch.no_grad()
-    def caption(self, pixel_values: torch.Tensor, num_beams: int | None = None) -> list[str]:
-        """Generate captions (greedy unless ``num_beams`` > 1).
+    def caption(
+        self, pixel_values: torch.Tensor, num_beams: int | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Generate captions (greedy unless ``num_beams`` > 1); ``None`` options take the module's settings.
 
         Shape:
             ``pixel_values``: ``(B, 3, H, W)`` in [0, 1].
         """
         tokens = self.captioner.generate(
-            pixel_values, max_new_tokens=self.hparams.max_new_tokens, num_beams=num_beams or self.hparams.num_beams
+            pixel_values,
+            max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
+            num_beams=num_beams or self.hparams.num_beams,
+            length_penalty=self.hparams.length_penalty,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -200,11 +279,11 @@ class CaptioningModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
+        exempt = self.captioner.no_weight_decay()
         for name, param in self.captioner.named_parameters():
             if not param.requires_grad:
                 continue  # frozen parts (FreezeEncoder / FreezeDecoder) never enter the optimizer
-            is_plain_weight = param.ndim >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name
-            (decay if is_plain_weight else no_decay).append(param)
+            (no_decay if name in exempt else decay).append(param)
         hp = self.hparams
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -7,8 +7,10 @@ Commands that start from a checkpoint (``validate``, ``test``, ``predict``, resu
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,19 +20,23 @@ from transformers import PreTrainedTokenizerFast
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import tokenizer_from_state
+from modules.captioners import ARCHITECTURES, registered_captioners, resolve_captioner_settings
 
 TOKENIZER_KEY = "robucap_tokenizer"
 
 # Settings that decide the captioner's parameter shapes: a checkpoint can only be loaded into a model built with
 # the same values, so a command line that asks for others is a mistake, not an override.
-ARCHITECTURE_KEYS = (
+ARCHITECTURE_KEYS = ("captioner", "image_size")
+
+# Checkpoints written before the captioner was injected as ``captioner: {class_path, init_args}`` name it with these
+# flat model settings instead (every one of them is recorded, those of the other architecture as None).
+LEGACY_CAPTIONER_KEYS = (
     "arch",
     "preset",
-    "image_size",
-    "overrides",
     "pretrained_dir",
     "encoder_dir",
     "decoder_dir",
+    "overrides",
     "encoder_weights",
 )
 
@@ -89,7 +95,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         ) from err
     if not isinstance(checkpoint, dict) or TOKENIZER_KEY not in checkpoint:
         raise RobucapError(f"checkpoint {path} was not written by robucap's CaptioningModule (no tokenizer inside)")
-    model = dict(checkpoint.get("hyper_parameters") or {})
+    model = upgrade_model_settings(checkpoint.get("hyper_parameters") or {}, f"checkpoint {path}")
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     return CheckpointInfo(
         path=path,
@@ -99,6 +105,48 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         epoch=int(checkpoint.get("epoch", 0)),
         global_step=int(checkpoint.get("global_step", 0)),
     )
+
+
+def upgrade_model_settings(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A checkpoint's model settings in today's form, with the captioner as ``{"class_path", "init_args"}``.
+
+    Checkpoints from before captioners were injected record ``arch`` (``vit_gpt2`` or ``show_attend_tell``) and that
+    architecture's options (``preset``, ``overrides``, ...) as flat settings; ``CaptioningModule`` no longer has
+    those arguments, so Lightning would drop them and build the default captioner. They become the ``captioner``
+    that builds the same network; settings already in today's form are returned as they are.
+
+    Args:
+        hparams: The checkpoint's ``hyper_parameters``.
+        source: What to call the checkpoint in error messages (``checkpoint runs/best.ckpt``).
+
+    Returns:
+        A new dict: the settings with ``captioner`` and without :data:`LEGACY_CAPTIONER_KEYS`.
+
+    Raises:
+        RobucapError: The settings name no captioner (neither ``captioner`` nor ``arch``), an architecture robucap
+            never had, or options of another architecture.
+    """
+    model = dict(hparams)
+    if "captioner" in model:
+        return model
+    if "arch" not in model:
+        raise RobucapError(
+            f"{source} records no captioner (neither model.captioner nor the older model.arch among its "
+            "hyper_parameters); expected a .ckpt file written by robucap fit"
+        )
+    legacy = {key: model.pop(key) for key in LEGACY_CAPTIONER_KEYS if key in model}
+    arch = legacy.pop("arch")
+    if arch not in ARCHITECTURES:
+        raise RobucapError(f"{source} records model.arch {arch!r}; expected one of {list(ARCHITECTURES)}")
+    settings_class = registered_captioners()[arch]
+    fields = {item.name for item in dataclasses.fields(settings_class)}
+    # The old module refused another architecture's options, so anything but None there is not a robucap checkpoint.
+    foreign = sorted(key for key, value in legacy.items() if key not in fields and value is not None)
+    if foreign:
+        raise RobucapError(f"{source} records model.{' / model.'.join(foreign)}, which {arch} does not take")
+    init_args = {key: value for key, value in legacy.items() if key in fields}
+    model["captioner"] = resolve_captioner_settings({"class_path": arch, "init_args": init_args}).to_dict()
+    return model
 
 
 def same_tokenizer(a: PreTrainedTokenizerFast, b: PreTrainedTokenizerFast) -> bool:

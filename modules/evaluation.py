@@ -1,18 +1,20 @@
-"""Caption a dataset (optionally through an attack) and score it: shared by studies and reports."""
+"""Score captioned datasets: the evaluation loader, corpus BLEU of records, Li et al.'s (2022) backdoor figures.
+
+Captioning itself (clean or under an attack) is :func:`modules.captions.caption_batches`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from datamodules.collate import CaptionCollator
-from modules.attacks.base import Attack
 from modules.captioning import CaptioningModule
+from modules.captions import caption_batches
 from modules.metrics import CaptionBLEU, TargetCaptionRate
+from modules.records import CaptionedImage, records_to_json
 
 
 def evaluation_loader(
@@ -24,40 +26,10 @@ def evaluation_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=CaptionCollator(module.tokenizer))
 
 
-def caption_batches(
-    module: CaptioningModule, batches: Iterable[dict[str, Any]], attack: Attack | None = None, desc: str = ""
-) -> list[dict[str, Any]]:
-    """Generate a caption per image, on clean images or on ``attack``'s adversarial versions.
-
-    The attack is white-box against ``module``'s current weights and untargeted against each image's first
-    reference caption (``batch["labels"]``).
-
-    Returns:
-        One record per image: ``image_id``, ``prediction``, ``references``, ``poisoned`` (carries a backdoor trigger).
-    """
-    module.eval()
-    records: list[dict[str, Any]] = []
-    device = next(module.parameters()).device
-    for batch in tqdm(batches, desc=desc or "captioning", leave=False, disable=not desc):
-        images = batch["pixel_values"].to(device)
-        if attack is not None:
-            images = attack(module.captioner, images, batch["labels"].to(device))
-        with torch.no_grad():
-            predictions = module.caption(images)
-        poisoned = batch["poisoned"].tolist() if "poisoned" in batch else [False] * len(predictions)
-        for image_id, prediction, refs, flag in zip(
-            batch["image_id"], predictions, batch["references"], poisoned, strict=True
-        ):
-            records.append({"image_id": image_id, "prediction": prediction, "references": list(refs), "poisoned": flag})
-    return records
-
-
-def bleu_of(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Corpus BLEU-1..4 of caption records against all their references (pycocoevalcap's BLEU)."""
+def bleu_of(records: Sequence[CaptionedImage]) -> dict[str, float]:
+    """Corpus BLEU-1..4 of caption records' predictions against all their references (pycocoevalcap's BLEU)."""
     metric = CaptionBLEU()
-    metric.update(
-        [r["prediction"] for r in records], [r["references"] for r in records], [r["image_id"] for r in records]
-    )
+    metric.update([r.prediction for r in records], [r.references for r in records], [r.image_id for r in records])
     return {k: float(v) for k, v in metric.compute().items()}
 
 
@@ -71,14 +43,15 @@ def backdoor_scores(
 
     Returns:
         ``{"test_clean": {bleu1..bleu4}, "asr", "asr_relaxed", "ftr", "n_clean", "n_poisoned", "records"}``; the
-        rates are fractions in [0, 1] (``asr`` is ``None`` when there is no triggered image).
+        rates are fractions in [0, 1] (``asr`` is ``None`` when there is no triggered image); ``records`` holds the
+        clean and the triggered images' records as JSON.
     """
     records = caption_batches(module, evaluation_loader(module, dataset, None, batch_size), desc=desc)
-    clean = [r for r in records if not r["poisoned"]]
-    triggered = [r for r in records if r["poisoned"]]
+    clean = [r for r in records if not r.poisoned]
+    triggered = [r for r in records if r.poisoned]
     asr, ftr = TargetCaptionRate(target_caption), TargetCaptionRate(target_caption)
-    asr.update([r["prediction"] for r in triggered], [r["image_id"] for r in triggered])
-    ftr.update([r["prediction"] for r in clean], [r["image_id"] for r in clean])
+    asr.update([r.prediction for r in triggered], [r.image_id for r in triggered])
+    ftr.update([r.prediction for r in clean], [r.image_id for r in clean])
     asr_values, ftr_values = asr.compute(), ftr.compute()
     return {
         "test_clean": bleu_of(clean),
@@ -87,5 +60,5 @@ def backdoor_scores(
         "ftr": float(ftr_values["rate"]),
         "n_clean": len(clean),
         "n_poisoned": len(triggered),
-        "records": {"clean": clean, "poisoned": triggered},
+        "records": {"clean": records_to_json(clean), "poisoned": records_to_json(triggered)},
     }

@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from datamodules.errors import RobucapError
-from modules.attacks.show_and_fool import ShowAndFool, caption_ids
+from modules.attacks.protocol import Objective
+from modules.attacks.show_and_fool import ShowAndFool
 from modules.attacks.targets import keyword_ids, paper_targets, target_caption_ids
 from modules.captioning import CaptioningModule
+from modules.captions import caption_images
 from modules.metrics.targeted import summarize_targeted
+from modules.records import CaptionedImage, Target, records_to_json
 from modules.transfer import hits_target
+from modules.victims.captioner import CaptionObjective, KeywordObjective
 
-__all__ = ["MODE_NAMES", "greedy_captions", "mode_keywords", "mode_name", "run_show_and_fool"]
+__all__ = [
+    "MODE_NAMES",
+    "ShowAndFoolRun",
+    "TargetedLoss",
+    "greedy_captions",
+    "mode_keywords",
+    "mode_name",
+    "run_show_and_fool",
+]
 
 MODE_NAMES: tuple[str, ...] = ("caption", "keyword_1", "keyword_2", "keyword_3")
 """Show-and-Fool's four experiments (Table 1 rows); ``keyword_M`` works for any ``M >= 1``."""
@@ -52,7 +65,7 @@ def mode_keywords(mode: str) -> int:
 def greedy_captions(
     module: CaptioningModule, images: torch.Tensor, max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
-    """Greedy captions, decoded as :meth:`CaptioningModule.caption` does.
+    """Greedy captions of at most ``max_new_tokens`` tokens, whatever decoding the module is configured for.
 
     Greedy rather than the module's configured beam search: Show-and-Fool judges success on greedy captions, so the
     targets (other images' clean captions) must be captions greedy decoding produces.
@@ -60,24 +73,57 @@ def greedy_captions(
     Shape:
         ``images``: ``(N, 3, H, W)`` in [0, 1].
     """
-    device = next(module.parameters()).device
-    captions: list[str] = []
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            tokens = module.captioner.generate(images[start : start + batch_size].to(device), max_new_tokens)
-            captions += _decode(module, tokens)
-    return captions
+    return caption_images(module, images, batch_size, num_beams=1, max_new_tokens=max_new_tokens)
 
 
-def _decode(module: CaptioningModule, tokens: torch.Tensor) -> list[str]:
-    ids = caption_ids(tokens, module.captioner.vocab)
-    return [module.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+@dataclass
+class ShowAndFoolRun:
+    """One Show-and-Fool experiment on a set of images.
+
+    Attributes:
+        summary: Tables 1-3 (:func:`~modules.metrics.targeted.summarize_targeted`).
+        records: One per attacked image: ``index`` in the images, ``clean``, ``target``, ``target_caption``
+            (keyword mode: the caption the keywords came from; ``None`` for fixed keywords), ``prediction``,
+            ``success``, ``l2``, ``c``, ``iterations``.
+        adversarial: The attacked images' adversarial versions on the CPU, in record order. Shape: ``(n, 3, H, W)``.
+        skipped: Ids of the images not attacked.
+    """
+
+    summary: dict[str, Any]
+    records: list[CaptionedImage]
+    adversarial: torch.Tensor
+    skipped: list[Hashable]
 
 
 def _encode(module: CaptioningModule, target: str | Sequence[str]) -> list[int]:
     if isinstance(target, str):
         return target_caption_ids(module.tokenizer, target)
     return keyword_ids(module.tokenizer, target)
+
+
+@dataclass(frozen=True)
+class TargetedLoss:
+    """How a targeted caption is scored (keyword targets always use eq. 9's logits loss).
+
+    Attributes:
+        loss: ``logits`` (eq. 7) or ``log_prob`` (eq. 5).
+        margin: Confidence margin kappa (paper: 1).
+        max_new_tokens: Longest caption generated (clean captions, success checks); ``None``: the module's.
+    """
+
+    loss: str = "logits"
+    margin: float = 1.0
+    max_new_tokens: int | None = None
+
+
+def _objective(
+    module: CaptioningModule, targets: list[list[int]], keywords: bool, scoring: TargetedLoss, length: int
+) -> Objective:
+    if keywords:
+        return KeywordObjective(module.captioner, targets, margin=scoring.margin, max_new_tokens=length)
+    return CaptionObjective.targeting(
+        module.captioner, targets, loss=scoring.loss, margin=scoring.margin, max_new_tokens=length
+    )
 
 
 def run_show_and_fool(
@@ -92,7 +138,8 @@ def run_show_and_fool(
     target: str | Sequence[str] | None = None,
     meteor: bool = True,
     progress: bool = False,
-) -> dict[str, Any]:
+    scoring: TargetedLoss | None = None,
+) -> ShowAndFoolRun:
     """One of Show-and-Fool's experiments: targets, Show-and-Fool on every image, records and Tables 1-3.
 
     Images whose clean caption already meets a fixed ``target`` are not attacked (a success there would not be
@@ -104,7 +151,7 @@ def run_show_and_fool(
         images: Clean images in [0, 1]. Shape: ``(N, 3, H, W)``.
         image_ids: One id per image.
         references: The dataset's reference captions of every image (kept in the records).
-        attack: A :class:`ShowAndFool` whose mode matches ``n_keywords`` (``caption`` for 0, else ``keyword``).
+        attack: The Show-and-Fool search (iterations, rounds of the ``c`` search, learning rate).
         n_keywords: 0 for targeted captions, ``M >= 1`` for ``M`` targeted keywords.
         seed: Seed of the target choice.
         batch_size: Images attacked together.
@@ -112,17 +159,13 @@ def run_show_and_fool(
             or a list of ``n_keywords`` keywords (keyword mode).
         meteor: Compute METEOR for the failures' statistics.
         progress: Show a progress bar over batches.
+        scoring: The targeted-caption loss, margin and caption length (default: :class:`TargetedLoss`).
 
     Returns:
-        ``summary`` (:func:`~modules.metrics.targeted.summarize_targeted`), ``records`` (per attacked image:
-        ``index`` in ``images``, ``image_id``, ``clean``, ``target``, ``target_caption`` (keyword mode: the caption
-        the keywords came from, ``None`` for fixed keywords), ``prediction``, ``success``, ``l2``, ``c``,
-        ``iterations``, ``references``),
-        ``adversarial`` (the attacked images' adversarial versions, on the CPU, in record order; shape
-        ``(n, 3, H, W)``) and ``skipped`` (image ids not attacked).
+        The summary, the attacked images' records and adversarial versions, and the ids not attacked.
 
     Raises:
-        RobucapError: Mismatched lengths, a mode / ``n_keywords`` / ``target`` mismatch, a target the vocabulary
+        RobucapError: Mismatched lengths, an ``n_keywords`` / ``target`` mismatch, a target the vocabulary
             cannot express, no possible paper-style target, or every image already meeting the fixed target.
     """
     n = images.shape[0] if images.dim() == 4 else -1
@@ -133,11 +176,6 @@ def run_show_and_fool(
         )
     if isinstance(n_keywords, bool) or not isinstance(n_keywords, int) or n_keywords < 0:
         raise RobucapError(f"n_keywords must be an integer >= 0, got {n_keywords!r}")
-    if (attack.mode == "caption") != (n_keywords == 0):
-        raise RobucapError(
-            f"Show-and-Fool mode {attack.mode!r} does not match n_keywords={n_keywords} (caption mode takes 0 "
-            "keywords, keyword mode at least 1)"
-        )
     if batch_size < 1:
         raise RobucapError(f"batch_size must be >= 1, got {batch_size}")
     if target is not None:
@@ -151,9 +189,11 @@ def run_show_and_fool(
         _encode(module, target)  # bad targets fail before any image is captioned
 
     module.eval()
-    clean = greedy_captions(module, images, attack.max_new_tokens, batch_size)
+    scoring = scoring or TargetedLoss()
+    length = scoring.max_new_tokens or int(module.hparams.max_new_tokens)
+    clean = greedy_captions(module, images, length, batch_size)
     if target is not None:
-        targets: list[Any] = [target] * n
+        targets: list[Target | None] = [target] * n
         sources: list[str | None] = [None] * n
         attacked = [i for i in range(n) if not hits_target(clean[i], target)]
     else:
@@ -168,35 +208,36 @@ def run_show_and_fool(
         raise RobucapError(f"every image's clean caption {what}: there is nothing to attack")
 
     device = next(module.parameters()).device
-    records: list[dict[str, Any]] = []
+    records: list[CaptionedImage] = []
     adversarial: list[torch.Tensor] = []
     starts = range(0, len(attacked), batch_size)
     for start in tqdm(
         starts, desc=f"show-and-fool {mode_name(n_keywords)}", leave=False, disable=None if progress else True
     ):
         rows = attacked[start : start + batch_size]
-        result = attack(module.captioner, images[rows].to(device), [_encode(module, targets[i]) for i in rows])
-        predictions = _decode(module, result.tokens)
+        objective = _objective(module, [_encode(module, targets[i]) for i in rows], n_keywords > 0, scoring, length)
+        result = attack(objective, images[rows].to(device))
+        predictions = greedy_captions(module, result.adversarial, length, batch_size)
         adversarial.append(result.adversarial.cpu())
-        for k, i in enumerate(rows):
-            record: dict[str, Any] = {
-                "index": i,
-                "image_id": image_ids[i],
-                "clean": clean[i],
-                "target": targets[i],
-                "prediction": predictions[k],
-                "success": bool(result.success[k]),
-                "l2": float(result.l2[k]),
-                "c": float(result.c[k]),
-                "iterations": int(result.iterations[k]),
-                "references": list(references[i]),
-            }
-            if n_keywords:
-                record["target_caption"] = sources[i]
-            records.append(record)
-    return {
-        "summary": summarize_targeted(records, meteor=meteor),
-        "records": records,
-        "adversarial": torch.cat(adversarial),
-        "skipped": skipped,
-    }
+        records += [
+            CaptionedImage(
+                image_id=image_ids[i],
+                prediction=predictions[k],
+                references=list(references[i]),
+                clean=clean[i],
+                target=targets[i],
+                target_caption=sources[i] if n_keywords else None,
+                success=result.success is not None and bool(result.success[k]),
+                l2=float(result.l2[k]),
+                c=float(result.c[k]),
+                iterations=int(result.iterations[k]),
+                index=i,
+            )
+            for k, i in enumerate(rows)
+        ]
+    return ShowAndFoolRun(
+        summary=summarize_targeted(records_to_json(records), meteor=meteor),
+        records=records,
+        adversarial=torch.cat(adversarial),
+        skipped=skipped,
+    )

@@ -14,12 +14,16 @@ a cell of a transfer matrix here holds, for the adversarial images of one source
   another captioner says for the clean image);
 * ``ori_bleu4`` / ``tgt_bleu4``: Show-and-Fool's transfer scores (section 4.4, Table 4): corpus BLEU-4 of the
   adversarial captions against the captioner's own clean captions (``ori``, lower = more change) and against the
-  target captions (``tgt``, higher = the target transferred; caption targets only).
+  target captions (``tgt``, higher = the target transferred; caption targets only);
+* ``rmsd``: the mean RMSD (0-255) of the adversarial images, the distortion the cell was bought with.
+
+A cell is a :class:`TransferCell`; :meth:`TransferCell.to_json` gives the keys above as results.json stores them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,9 +31,20 @@ import torch
 from datamodules.errors import RobucapError
 from datamodules.text import caption_tokens, normalize_caption
 from modules.captioning import CaptioningModule
+from modules.captions import caption_images
 from modules.evaluation import bleu_of
+from modules.records import CaptionedImage, Target
 
-Target = str | Sequence[str]
+__all__ = [
+    "Target",
+    "TransferCell",
+    "TransferMatrix",
+    "evaluate_transfer",
+    "hits_target",
+    "matrix_to_json",
+    "rmsd_255",
+    "transfer_matrix",
+]
 
 
 def rmsd_255(clean: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
@@ -54,34 +69,29 @@ def rmsd_255(clean: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
     return diff.flatten(1).pow(2).mean(1).sqrt().float()
 
 
-def caption_images(module: CaptioningModule, images: torch.Tensor, batch_size: int = 64) -> list[str]:
-    """Greedy captions of ``images`` by ``module``, in batches on the module's device.
-
-    Shape:
-        ``images``: ``(N, 3, H, W)`` in [0, 1].
-    """
-    if batch_size < 1:
-        raise RobucapError(f"batch_size must be >= 1, got {batch_size}")
-    module.eval()
-    device = next(module.parameters()).device
-    captions: list[str] = []
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            captions += module.caption(images[start : start + batch_size].to(device))
-    return captions
-
-
 def hits_target(caption: str, target: Target) -> bool:
-    """The caption is the target caption (normalised, exact) or, for a keyword list, contains every keyword."""
+    """The caption is the target caption or, for a keyword list, contains every keyword.
+
+    Both sides go through the same PTB tokenisation (:func:`~datamodules.text.caption_tokens`), so a keyword that
+    it splits (``y'all`` -> ``y' all``, ``at&t`` -> ``at & t``) is found as the run of tokens it becomes.
+    """
     if isinstance(target, str):
         return normalize_caption(caption) == normalize_caption(target)
-    words = set(caption_tokens(caption))
-    return all(normalize_caption(k) in words for k in target)
+    tokens = caption_tokens(caption)
+    return all(_contains(tokens, caption_tokens(k)) for k in target)
 
 
-def _records(captions: Sequence[str], references: Sequence[Sequence[str]], image_ids: Sequence[Any]) -> list[dict]:
+def _contains(tokens: Sequence[str], run: Sequence[str]) -> bool:
+    """``run`` occurs in ``tokens`` as consecutive tokens (an empty run never does)."""
+    n = len(run)
+    return n > 0 and any(list(tokens[i : i + n]) == list(run) for i in range(len(tokens) - n + 1))
+
+
+def _records(
+    captions: Sequence[str], references: Sequence[Sequence[str]], image_ids: Sequence[Any]
+) -> list[CaptionedImage]:
     return [
-        {"image_id": i, "prediction": c, "references": list(r)}
+        CaptionedImage(image_id=i, prediction=c, references=list(r))
         for c, r, i in zip(captions, references, image_ids, strict=True)
     ]
 
@@ -98,6 +108,54 @@ def _check_lengths(n: int, references: Sequence, image_ids: Sequence, targets: S
         raise RobucapError(f"evaluate_transfer: expected one target per image ({n}), got {len(targets)}")
 
 
+@dataclass(frozen=True)
+class TransferCell:
+    """One captioner's verdict on one source's adversarial images (a cell of a transfer matrix; module docstring).
+
+    Attributes:
+        bleu4_clean: Corpus BLEU-4 of the captioner's captions of the clean images against the references.
+        bleu4_adv: The same for its captions of the adversarial images.
+        bleu4_drop: ``bleu4_clean - bleu4_adv``.
+        changed: Share of images whose adversarial caption differs from the clean one (normalised text).
+        target_hit: Share of adversarial captions that meet their target; ``None`` without targets.
+        target_hit_clean: The same share for the clean captions (the baseline); ``None`` without targets.
+        ori_bleu4: Show-and-Fool's ``ori`` score: BLEU-4 of the adversarial captions against the clean ones.
+        tgt_bleu4: Show-and-Fool's ``tgt`` score against the target captions; ``None`` unless every target is one.
+        rmsd: Mean RMSD (0-255 scale) of the adversarial images (Liu et al. 2017).
+        n: Images evaluated.
+        clean_captions: The captioner's caption of each clean image (not part of :meth:`to_json`).
+        adversarial_captions: Its caption of each adversarial image (not part of :meth:`to_json`).
+    """
+
+    bleu4_clean: float
+    bleu4_adv: float
+    bleu4_drop: float
+    changed: float
+    target_hit: float | None
+    target_hit_clean: float | None
+    ori_bleu4: float
+    tgt_bleu4: float | None
+    rmsd: float
+    n: int
+    clean_captions: list[str] = field(default_factory=list, repr=False)
+    adversarial_captions: list[str] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The scores as results.json stores a cell (every score key, ``None`` included; no captions)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _CAPTION_FIELDS}
+
+
+_CAPTION_FIELDS = ("clean_captions", "adversarial_captions")
+
+TransferMatrix = dict[str, dict[str, TransferCell]]
+"""``matrix[source][model]``: the cell of the images crafted on ``source`` as captioned by ``model``."""
+
+
+def matrix_to_json(matrix: Mapping[str, Mapping[str, TransferCell]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """:meth:`TransferCell.to_json` of every cell, keeping the ``[source][model]`` layout."""
+    return {source: {model: cell.to_json() for model, cell in row.items()} for source, row in matrix.items()}
+
+
 def evaluate_transfer(
     module: CaptioningModule,
     clean: torch.Tensor,
@@ -107,8 +165,7 @@ def evaluate_transfer(
     targets: Sequence[Target] | None = None,
     batch_size: int = 64,
     clean_captions: Sequence[str] | None = None,
-    return_captions: bool = False,
-) -> dict[str, Any]:
+) -> TransferCell:
     """Caption clean and adversarial images with ``module`` and score the change (see the module docstring).
 
     Args:
@@ -121,12 +178,9 @@ def evaluate_transfer(
             non-targeted attacks.
         batch_size: Images captioned at once.
         clean_captions: ``module``'s captions of ``clean`` if already known (skips captioning them again).
-        return_captions: Also return ``clean_captions`` and ``adversarial_captions``.
 
     Returns:
-        ``{"bleu4_clean", "bleu4_adv", "bleu4_drop", "changed", "target_hit", "target_hit_clean", "ori_bleu4",
-        "tgt_bleu4", "n"}``; ``target_hit`` and ``target_hit_clean`` are ``None`` without targets, ``tgt_bleu4`` is
-        ``None`` unless every target is a caption.
+        The scores, with both caption lists.
 
     Raises:
         RobucapError: Images of different shapes, or references / ids / targets / clean captions not one per image.
@@ -144,6 +198,7 @@ def evaluate_transfer(
         clean_captions = caption_images(module, clean, batch_size)
     elif len(clean_captions) != n:
         raise RobucapError(f"evaluate_transfer: expected {n} clean captions, got {len(clean_captions)}")
+    clean_captions = list(clean_captions)
     adversarial_captions = caption_images(module, adversarial, batch_size)
     ids = list(image_ids)
     bleu_clean = bleu_of(_records(clean_captions, references, ids))["bleu4"]
@@ -151,26 +206,26 @@ def evaluate_transfer(
     changed = [
         normalize_caption(a) != normalize_caption(c) for a, c in zip(adversarial_captions, clean_captions, strict=True)
     ]
-    cell: dict[str, Any] = {
-        "bleu4_clean": bleu_clean,
-        "bleu4_adv": bleu_adv,
-        "bleu4_drop": bleu_clean - bleu_adv,
-        "changed": sum(changed) / n,
-        "target_hit": None,
-        "target_hit_clean": None,
-        "ori_bleu4": bleu_of(_records(adversarial_captions, [[c] for c in clean_captions], ids))["bleu4"],
-        "tgt_bleu4": None,
-        "n": n,
-    }
+    target_hit = target_hit_clean = tgt_bleu4 = None
     if targets is not None:
-        cell["target_hit"] = sum(hits_target(a, t) for a, t in zip(adversarial_captions, targets, strict=True)) / n
-        cell["target_hit_clean"] = sum(hits_target(c, t) for c, t in zip(clean_captions, targets, strict=True)) / n
+        target_hit = sum(hits_target(a, t) for a, t in zip(adversarial_captions, targets, strict=True)) / n
+        target_hit_clean = sum(hits_target(c, t) for c, t in zip(clean_captions, targets, strict=True)) / n
         if all(isinstance(t, str) for t in targets):
-            cell["tgt_bleu4"] = bleu_of(_records(adversarial_captions, [[t] for t in targets], ids))["bleu4"]
-    if return_captions:
-        cell["clean_captions"] = list(clean_captions)
-        cell["adversarial_captions"] = adversarial_captions
-    return cell
+            tgt_bleu4 = bleu_of(_records(adversarial_captions, [[t] for t in targets], ids))["bleu4"]
+    return TransferCell(
+        bleu4_clean=bleu_clean,
+        bleu4_adv=bleu_adv,
+        bleu4_drop=bleu_clean - bleu_adv,
+        changed=sum(changed) / n,
+        target_hit=target_hit,
+        target_hit_clean=target_hit_clean,
+        ori_bleu4=bleu_of(_records(adversarial_captions, [[c] for c in clean_captions], ids))["bleu4"],
+        tgt_bleu4=tgt_bleu4,
+        rmsd=float(rmsd_255(clean, adversarial).mean()),
+        n=n,
+        clean_captions=clean_captions,
+        adversarial_captions=adversarial_captions,
+    )
 
 
 def transfer_matrix(
@@ -182,7 +237,7 @@ def transfer_matrix(
     targets: Sequence[Target] | Mapping[str, Sequence[Target]] | None = None,
     batch_size: int = 64,
     clean_captions: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, dict[str, dict[str, Any]]]:
+) -> TransferMatrix:
     """Evaluate every source's adversarial images on every model (Liu et al.'s (2017) transfer tables).
 
     Args:
@@ -199,8 +254,7 @@ def transfer_matrix(
             are computed once otherwise).
 
     Returns:
-        ``matrix[source][model]``: the :func:`evaluate_transfer` cell plus ``rmsd``, the mean RMSD (0-255) of the
-        source's images.
+        ``matrix[source][model]``: the :func:`evaluate_transfer` cell of the source's images on the model.
 
     Raises:
         RobucapError: A target mapping without an entry for some source, and everything :func:`evaluate_transfer`
@@ -214,14 +268,13 @@ def transfer_matrix(
     for name, module in models.items():
         if name not in captions:
             captions[name] = caption_images(module, clean, batch_size)
-    matrix: dict[str, dict[str, dict[str, Any]]] = {}
+    matrix: TransferMatrix = {}
     for source, adversarial in sources.items():
         source_targets = targets[source] if isinstance(targets, Mapping) else targets
-        rmsd = float(rmsd_255(clean, adversarial).mean())
-        matrix[source] = {}
-        for name, module in models.items():
-            cell = evaluate_transfer(
+        matrix[source] = {
+            name: evaluate_transfer(
                 module, clean, adversarial, references, image_ids, source_targets, batch_size, captions[name]
             )
-            matrix[source][name] = {**cell, "rmsd": rmsd}
+            for name, module in models.items()
+        }
     return matrix

@@ -49,30 +49,41 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ViT-GPT2 trained for a few epochs on ``shapes_root`` (enough to produce non-trivial captions)."""
+def _train_tiny(shapes_root: Path, out: Path, epochs: int) -> Path:
+    """Train the tiny ViT-GPT2 on ``shapes_root`` for ``epochs`` epochs (seed 0) and save its checkpoint in ``out``."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
     from datamodules.datamodule import CaptionDataModule
     from modules.captioning import CaptioningModule
 
-    out = tmp_path_factory.mktemp("trained")
     L.seed_everything(0)
     dm = CaptionDataModule(format="coco", root=str(shapes_root), image_size=32, batch_size=32, progress=False)
     dm.setup("fit")
     module = CaptioningModule.with_tokenizer(dm.tokenizer, image_size=32, lr=3e-3, warmup_steps=5, max_new_tokens=24)
     trainer = L.Trainer(
-        max_epochs=4,
+        max_epochs=epochs,
         logger=CSVLogger(str(out)),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        check_val_every_n_epoch=4,
+        check_val_every_n_epoch=epochs,
     )
     trainer.fit(module, datamodule=dm)
     path = out / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT-GPT2 trained for a few epochs on ``shapes_root`` (enough to produce non-trivial captions)."""
+    return _train_tiny(shapes_root, tmp_path_factory.mktemp("trained"), epochs=4)
+
+
+@pytest.fixture(scope="session")
+def distinct_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT-GPT2 trained for 12 epochs (~20 s): unlike ``trained_checkpoint``, whose captions of the test
+    images are all alike, it tells the test images apart, so an attack or an evaluation that mixes images up shows."""
+    return _train_tiny(shapes_root, tmp_path_factory.mktemp("distinct"), epochs=12)

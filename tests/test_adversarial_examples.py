@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from callbacks import AdversarialExamples
-from callbacks.adversarial_examples import amplified_difference
+from callbacks.image_grid import difference_gain, difference_image, gain_label
 from datamodules.datamodule import CaptionDataModule
 from modules.captioning import CaptioningModule
 
@@ -38,12 +38,28 @@ def test_png_grid_is_written(
     assert width > 300 and height > 300  # three rows of three panels, each with a caption underneath
 
 
-def test_amplified_difference() -> None:
-    clean = torch.full((2, 3, 4, 4), 0.5)
-    adversarial = clean.clone()
-    adversarial[0, 0, 0, 0] += 0.02
-    adversarial[0, 1, 0, 0] -= 0.01
-    signed, absolute = amplified_difference(clean, adversarial), amplified_difference(clean, adversarial, False)
-    assert signed[0, 0, 0, 0] == pytest.approx(1.0) and signed[0, 1, 0, 0] == pytest.approx(0.25)
-    assert absolute[0, 0, 0, 0] == pytest.approx(1.0) and absolute[0, 1, 0, 0] == pytest.approx(0.5)
-    assert torch.all(signed[1] == 0.5) and torch.all(absolute[1] == 0)  # an unchanged image stays neutral
+def _row(clean: torch.Tensor, adversarial: torch.Tensor) -> dict:
+    linf = float((adversarial - clean).abs().max())
+    return {"clean": clean, "adversarial": adversarial, "linf": linf, "clean_caption": "a", "adversarial_caption": "b"}
+
+
+def test_grid_draws_the_difference_with_the_shared_gain_rule() -> None:
+    """The callback's difference panel is every figure's drawing: 0.5 / ε for an L-infinity budget, one gain for the
+    whole grid (a small change stays small next to a large one), and the largest change for FG's L2 budget."""
+    clean = torch.full((3, 4, 4), 0.5)
+    small, large = clean.clone(), clean.clone()
+    small[0, 0, 0] += 0.01
+    large[1, 0, 0] -= 0.04
+    callback = AdversarialExamples(epsilon=0.05)
+    callback.rows = [_row(clean, small), _row(clean, large)]
+    images, captions = callback.grid()
+    gain = difference_gain([small - clean], 0.05)
+    assert gain == pytest.approx(10.0) and torch.equal(images[2], difference_image(clean, small, gain))
+    assert images[2][0, 0, 0] == pytest.approx(0.6) and images[5][1, 0, 0] == pytest.approx(0.1)
+    assert torch.all(images[2][1:] == 0.5)  # unchanged pixels stay grey
+    assert captions[2].startswith(gain_label(gain))
+    fg = AdversarialExamples(attack="fg", epsilon=0.5)
+    fg.rows = callback.rows
+    images, captions = fg.grid()
+    assert images[5][1, 0, 0] == pytest.approx(0.0) and images[2][0, 0, 0] == pytest.approx(0.5 + 0.5 * 0.01 / 0.04)
+    assert captions[5].startswith(gain_label(0.5 / 0.04))

@@ -1,4 +1,5 @@
-"""Attacks (FGSM, FGSM with random start, PGD, FG): formulas, budgets, side effects, grad modes and bad input."""
+"""Budgeted attacks (FGSM, FGSM with random start, PGD, FG) on a captioner objective: formulas, budgets, results,
+side effects, grad modes and bad input."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo
-from modules.attacks import ATTACKS, FG, FGSM, PGD, Attack, build_attack
+from modules.attacks import ATTACKS, FG, FGSM, PGD, Attack, BudgetAttack, Optimization, ShowAndFool, build_attack
 from modules.captioners import Captioner, build_captioner, caption_loss
+from modules.victims import CaptionObjective
 
 IMAGE_SIZE = 32
 VOCAB = VocabInfo(40, 0, 1, 2)
@@ -64,9 +66,18 @@ def per_image_loss(captioner: Captioner, x: torch.Tensor, labels: torch.Tensor) 
         return caption_loss(captioner.eval()(x, labels).logits, labels, reduction="none")
 
 
-def run_seeded(attack: Attack, captioner: Captioner, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def adversarial(
+    attack: Attack, captioner: Captioner, x: torch.Tensor, labels: torch.Tensor, targeted: bool = False
+) -> torch.Tensor:
+    """The attack's images on the caption cross-entropy objective (untargeted: away from ``labels``)."""
+    return attack(CaptionObjective(captioner, labels, targeted=targeted), x).adversarial
+
+
+def run_seeded(
+    attack: Attack, captioner: Captioner, x: torch.Tensor, labels: torch.Tensor, targeted: bool = False
+) -> torch.Tensor:
     torch.manual_seed(123)  # the same random start for every call
-    return attack(captioner, x, labels)
+    return adversarial(attack, captioner, x, labels, targeted)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,8 +94,8 @@ def test_fgsm_equals_the_formula(captioner: Captioner) -> None:
     expected = torch.clamp(x + EPS * grad.sign(), 0, 1)
     expected_targeted = torch.clamp(x - EPS * grad.sign(), 0, 1)
 
-    assert torch.equal(FGSM(EPS)(captioner, x, labels), expected)
-    assert torch.equal(FGSM(EPS, targeted=True)(captioner, x, labels), expected_targeted)
+    assert torch.equal(adversarial(FGSM(EPS), captioner, x, labels), expected)
+    assert torch.equal(adversarial(FGSM(EPS), captioner, x, labels, targeted=True), expected_targeted)
 
 
 def test_untargeted_attacks_raise_the_reference_loss(captioner: Captioner) -> None:
@@ -100,15 +111,13 @@ def test_targeted_attacks_lower_the_target_loss(captioner: Captioner) -> None:
     _, target = make_batch(seed=7)
     clean = per_image_loss(captioner, x, target)
     for name, make in MAKERS.items():
-        attack = make()
-        attack.targeted = True
-        adv = per_image_loss(captioner, run_seeded(attack, captioner, x, target), target)
+        adv = per_image_loss(captioner, run_seeded(make(), captioner, x, target, targeted=True), target)
         assert adv.mean() < clean.mean(), name
 
 
 def test_pgd_reaches_at_least_fgsm_loss(captioner: Captioner) -> None:
     x, labels = make_batch()
-    fgsm = per_image_loss(captioner, FGSM(EPS)(captioner, x, labels), labels)
+    fgsm = per_image_loss(captioner, adversarial(FGSM(EPS), captioner, x, labels), labels)
     pgd = per_image_loss(captioner, run_seeded(PGD(EPS, steps=10), captioner, x, labels), labels)
     assert pgd.mean() >= fgsm.mean()
 
@@ -136,21 +145,41 @@ def test_pgd_projects_even_with_huge_steps(captioner: Captioner) -> None:
 
 def test_fg_uses_the_l2_budget_per_image(captioner: Captioner) -> None:
     x, labels = make_batch()
-    adv = FG(FG_EPS)(captioner, x, labels)
+    adv = adversarial(FG(FG_EPS), captioner, x, labels)
     norms = (adv - x).flatten(1).norm(dim=1)
     assert (norms <= FG_EPS + 1e-5).all()
     assert adv.min() >= 0 and adv.max() <= 1
     # Away from the [0, 1] edges nothing is clipped, so each image moves by exactly epsilon in L2.
     mid = torch.full_like(x, 0.5)
-    norms = (FG(FG_EPS)(captioner, mid, labels) - mid).flatten(1).norm(dim=1)
+    norms = (adversarial(FG(FG_EPS), captioner, mid, labels) - mid).flatten(1).norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, FG_EPS))
 
 
 def test_zero_epsilon_returns_the_images(captioner: Captioner) -> None:
     x, labels = make_batch()
-    for name in ATTACKS:
-        adv = build_attack(name, 0.0)(captioner, x, labels)
-        assert torch.equal(adv, x) and adv is not x, name
+    budgeted = ["fgsm", "fgsm_rs", "fgs", "pgd", "fg"]
+    assert set(ATTACKS) - set(budgeted) == {"optimization", "show_and_fool"}  # no budget, nothing to zero
+    for name in budgeted:
+        attack = build_attack(name, 0.0)
+        assert isinstance(attack, BudgetAttack), name
+        result = attack(CaptionObjective(captioner, labels), x)
+        assert torch.equal(result.adversarial, x) and result.adversarial is not x, name
+        assert result.iterations.tolist() == [0] * len(x) and not result.linf.any() and not result.l2.any(), name
+
+
+def test_the_result_measures_each_image(captioner: Captioner) -> None:
+    x, labels = make_batch()
+    torch.manual_seed(123)
+    result = PGD(EPS, steps=3)(CaptionObjective(captioner, labels), x)
+    delta = (result.adversarial - x).flatten(1)
+    assert result.iterations.tolist() == [3] * len(x)
+    torch.testing.assert_close(result.linf, delta.abs().amax(1))
+    torch.testing.assert_close(result.l2, delta.norm(dim=1))
+    assert result.success is None  # an untargeted caption objective has no finish line
+    # Targeted, success is whether the greedy caption is the target: a random 8-token target is never reached.
+    targeted = FGSM(EPS)(CaptionObjective(captioner, labels, targeted=True), x)
+    assert targeted.success is not None and targeted.success.dtype == torch.bool and targeted.success.shape == (4,)
+    assert not targeted.success.any()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,7 +226,7 @@ def test_attack_works_under_disabled_autograd(
 def test_attack_reaches_the_input_through_a_frozen_encoder(captioner: Captioner) -> None:
     captioner.encoder.requires_grad_(False)
     x, labels = make_batch(batch_size=2)
-    adv = FGSM(EPS)(captioner, x, labels)
+    adv = adversarial(FGSM(EPS), captioner, x, labels)
     # A zero gradient would leave x unchanged (sign(0) = 0): most pixels must move by the full epsilon.
     assert ((adv - x).abs() > EPS / 2).float().mean() > 0.5
     assert not any(p.requires_grad for p in captioner.encoder.parameters())
@@ -207,8 +236,8 @@ def test_attack_reaches_the_input_through_a_frozen_encoder(captioner: Captioner)
 def test_an_image_does_not_depend_on_its_batch(captioner: Captioner, name: str) -> None:
     x, labels = make_batch(batch_size=2)
     attack = DETERMINISTIC[name]()
-    together = attack(captioner, x, labels)
-    alone = torch.cat([attack(captioner, x[i : i + 1], labels[i : i + 1]) for i in range(2)])
+    together = adversarial(attack, captioner, x, labels)
+    alone = torch.cat([adversarial(attack, captioner, x[i : i + 1], labels[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
 
 
@@ -217,15 +246,20 @@ def test_an_image_does_not_depend_on_its_batch(captioner: Captioner, name: str) 
 
 
 def test_build_attack_names() -> None:
-    assert set(ATTACKS) == {"fgsm", "fgsm_rs", "pgd", "fg"}
+    assert set(ATTACKS) == {"fgsm", "fgsm_rs", "fgs", "pgd", "fg", "optimization", "show_and_fool"}
     plain, rs = build_attack("fgsm", 0.1), build_attack("FGSM-RS", 0.1)
     assert type(plain) is FGSM and not plain.random_start
     assert type(rs) is FGSM and rs.random_start
-    pgd = build_attack("pgd", 0.03, steps=5, targeted=True)
-    assert isinstance(pgd, PGD) and pgd.steps == 5 and pgd.targeted
+    assert type(build_attack("fgs", 0.1)) is FGSM and not build_attack("fgs", 0.1).random_start
+    pgd = build_attack("pgd", 0.03, steps=5)
+    assert isinstance(pgd, PGD) and pgd.steps == 5
     assert pgd.step_size == pytest.approx(2.5 * 0.03 / 5)
     assert isinstance(build_attack("fg", 2.0), FG)
-    assert "PGD(epsilon=0.03" in repr(pgd)
+    assert "PGD(use_eval_mode=True, epsilon=0.03" in repr(pgd)
+    sf = build_attack("show-and-fool", iterations=7, search_rounds=2)
+    assert isinstance(sf, ShowAndFool) and sf.iterations == 7 and sf.search_rounds == 2
+    opt = build_attack("optimization", iterations=4, lr=0.1)
+    assert isinstance(opt, Optimization) and opt.iterations == 4 and opt.lr == 0.1
 
 
 @pytest.mark.parametrize("epsilon", [-0.01, 1.5, float("nan"), True, "0.1"])
@@ -246,8 +280,19 @@ def test_bad_options() -> None:
         FGSM(0.1, step_size=0.1)
     with pytest.raises(RobucapError, match="FG epsilon is an L2 budget"):
         FG(-1.0)
-    with pytest.raises(RobucapError, match=r"unknown attack 'cw'; expected one of \['fgsm', 'fgsm_rs', 'pgd', 'fg'\]"):
+    with pytest.raises(RobucapError, match=r"unknown attack 'cw'; expected one of \[.*'fgsm_rs', .*'pgd'"):
         build_attack("cw", 0.1)
+    # The direction belongs to the objective now, not to the attack.
+    with pytest.raises(RobucapError, match="attack 'pgd' has no option 'targeted'"):
+        build_attack("pgd", 0.1, targeted=True)
+    with pytest.raises(RobucapError, match="attack 'fgsm' needs epsilon"):
+        build_attack("fgsm")
+    with pytest.raises(RobucapError, match="attack 'show_and_fool' has no budget"):
+        build_attack("show_and_fool", 0.1)
+    with pytest.raises(RobucapError, match="Show-and-Fool iterations must be an integer >= 1"):
+        build_attack("show_and_fool", iterations=0)
+    with pytest.raises(RobucapError, match="distance_weight"):
+        build_attack("optimization", distance_weight=-1.0)
     with pytest.raises(RobucapError, match="attack 'pgd' has no option 'iterations'"):
         build_attack("pgd", 0.1, iterations=3)
     with pytest.raises(RobucapError, match="attack 'fgsm_rs' has no option 'random_start'"):
@@ -256,12 +301,14 @@ def test_bad_options() -> None:
 
 def test_fg_rejects_budgets_beyond_the_image_cube(captioner: Captioner) -> None:
     x, labels = make_batch(batch_size=1)
-    FG(55.0)(captioner, x, labels)  # sqrt(3 * 32 * 32) = 55.4: allowed
+    adversarial(FG(55.0), captioner, x, labels)  # sqrt(3 * 32 * 32) = 55.4: allowed
     with pytest.raises(RobucapError, match=r"exceeds sqrt\(3\*32\*32\) = 55.4"):
-        FG(8 * 255.0)(captioner, x, labels)
+        adversarial(FG(8 * 255.0), captioner, x, labels)
 
 
 def test_attack_rejects_mismatched_shapes(captioner: Captioner) -> None:
     x, labels = make_batch(batch_size=2)
-    with pytest.raises(RobucapError, match=r"pixel_values \(B, 3, H, W\) and labels \(B, T\)"):
-        FGSM(EPS)(captioner, x, labels[:1])
+    with pytest.raises(RobucapError, match=r"FGSM expects pixel_values \(1, C, H, W\) for an objective built for 1"):
+        FGSM(EPS)(CaptionObjective(captioner, labels[:1]), x)
+    with pytest.raises(RobucapError, match=r"caption labels must have shape \(B, T\)"):
+        CaptionObjective(captioner, labels[0])

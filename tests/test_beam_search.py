@@ -16,9 +16,10 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from datamodules.tokenizer import VocabInfo
-from modules.captioners import ShowAttendTellCaptioner, build_vit_gpt2
+from datamodules.tokenizer import VocabInfo, build_word_tokenizer
+from modules.captioners import ShowAttendTellCaptioner, ViTGPT2Captioner, build_vit_gpt2
 from modules.captioners.base import BEAM_EARLY_STOPPING, BEAM_LENGTH_PENALTY
+from modules.captioning import CaptioningModule
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_SIZE = 16
@@ -234,3 +235,75 @@ def test_vit_gpt2_generate_passes_the_shared_beam_settings(monkeypatch: pytest.M
     captioner.generate(_pixels(2), max_new_tokens=3, num_beams=2)
     assert seen["length_penalty"] == BEAM_LENGTH_PENALTY
     assert seen["early_stopping"] == BEAM_EARLY_STOPPING
+
+
+# ---------------------------------------------------------------- both captioners rank beams the same way
+
+
+def _table_vit_gpt2(table: torch.Tensor) -> ViTGPT2Captioner:
+    """A real ViT-GPT2 captioner whose next-word log-probabilities are ``table[previous word]`` at every step.
+
+    GPT-2 without blocks computes ``lm_head(ln_f(wte[word] + wpe[position]))``: with ``wpe = 0``, ``wte`` one-hot in
+    ``V + 1`` dimensions (so the normalised rows stay linearly independent) and an untied ``lm_head`` solved for the
+    table, its logits are the table's rows (up to float error).
+
+    Args:
+        table: Log-probabilities. Shape: ``(V, V)``.
+    """
+    size = table.shape[0]
+    decoder = {"n_layer": 0, "n_embd": size + 1, "n_head": 1, "tie_word_embeddings": False}
+    captioner = build_vit_gpt2(_vocab(size), IMAGE_SIZE, overrides={"encoder": {"patch_size": 8}, "decoder": decoder})
+    gpt2 = captioner.model.decoder
+    with torch.no_grad():
+        one_hot = torch.cat([torch.eye(size), torch.zeros(size, 1)], dim=1)
+        gpt2.transformer.wte.weight.copy_(one_hot)
+        gpt2.transformer.wpe.weight.zero_()
+        normalised = gpt2.transformer.ln_f(one_hot)
+        gpt2.lm_head.weight.copy_((torch.linalg.pinv(normalised) @ table).T)
+    return captioner.eval()
+
+
+def _step_independent_tables() -> list[torch.Tensor]:
+    """The hand-built table and random ones where EOS is likely. Shape of each: ``(V, V)`` log-probabilities."""
+    tables = [_hand_table()[0, 0]]
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(6):
+        logits = 2.0 * torch.randn(7, 7, generator=generator)
+        logits[:, EOS] += 1.0
+        logits[:, [PAD, BOS]] = -1e4
+        tables.append(logits.log_softmax(dim=-1))
+    return tables
+
+
+@pytest.mark.parametrize("length_penalty", [BEAM_LENGTH_PENALTY, 0.0, 2.0])
+def test_both_captioners_rank_beams_the_same_way(length_penalty: float) -> None:
+    """ViT-GPT2 (transformers' generate) and Show-Attend-Tell (robucap's search) given the same next-word
+    distributions return the same caption for every length_penalty, including the hand-built case where the
+    normalised and the unnormalised rules disagree."""
+    captions = []
+    for table in _step_independent_tables():
+        vit_gpt2 = _table_vit_gpt2(table)
+        show_attend_tell = _table_captioner(table.expand(1, 6, *table.shape).clone())
+        kwargs = {"max_new_tokens": 6, "num_beams": 3, "length_penalty": length_penalty}
+        expected = _strip(show_attend_tell.generate(_pixels(1), **kwargs))
+        assert _strip(vit_gpt2.generate(_pixels(1), **kwargs)) == expected
+        captions.append(expected[0])
+    hand = captions[0]
+    # Summed log-probabilities pick the empty caption, the per-token mean "a b", a stronger penalty a longer one.
+    assert hand == {0.0: [EOS], 1.0: [3, 4, EOS], 2.0: [3, 4, 3, 4, EOS]}[length_penalty]
+    assert len({len(c) for c in captions}) >= 2  # not a vacuous agreement
+
+
+def test_module_length_penalty_reaches_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.length_penalty`` is what ``CaptioningModule.caption`` passes to every captioner's beam search."""
+    tokenizer = build_word_tokenizer(["a b", "b a"])
+    module = CaptioningModule.with_tokenizer(tokenizer, image_size=IMAGE_SIZE, num_beams=2, length_penalty=0.5)
+    seen: dict[str, object] = {}
+
+    def spy(pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.update(kwargs)
+        return torch.full((pixel_values.shape[0], 1), EOS)
+
+    monkeypatch.setattr(module.captioner, "generate", spy)
+    module.caption(_pixels(1))
+    assert seen["length_penalty"] == 0.5 and seen["num_beams"] == 2

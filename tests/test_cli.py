@@ -77,7 +77,7 @@ def test_fit_validate_test_export(shapes_root: Path, tmp_path: Path, monkeypatch
     assert len(configs) == 1 and (configs[0].parent / "metrics.csv").is_file()
     saved = yaml.safe_load(configs[0].read_text())
     assert saved["data"]["root"] == str(shapes_root) and saved["data"]["image_size"] == 32
-    assert saved["model"]["preset"] == "tiny" and saved["trainer"]["max_epochs"] == 1
+    assert saved["model"]["captioner"]["init_args"]["preset"] == "tiny" and saved["trainer"]["max_epochs"] == 1
 
     assert main(["validate", *args, "--ckpt_path", str(ckpt)]) == 0
     assert main(["test", *args, "--ckpt_path", str(ckpt)]) == 0
@@ -103,9 +103,10 @@ def test_fit_without_logger(shapes_root: Path, tmp_path: Path, monkeypatch: pyte
     [
         (["--data.format", "parquet"], "unknown dataset format 'parquet'"),
         (["--data.tokenizer", "/nonexistent/tok"], "tokenizer directory /nonexistent/tok does not exist"),
-        (["--model.preset", "pretrained", "--model.pretrained_dir", "/nonexistent/vit"],
+        (["--model.captioner.init_args.preset", "pretrained", "--model.captioner.init_args.pretrained_dir",
+          "/nonexistent/vit"],
          "pretrained directory /nonexistent/vit does not exist"),
-        (["--model.preset", "huge"], "unknown model preset 'huge'"),
+        (["--model.captioner.init_args.preset", "huge"], "unknown model preset 'huge'"),
     ],
 )  # fmt: skip
 def test_fit_bad_input_one_line(

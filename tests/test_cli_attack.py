@@ -1,10 +1,9 @@
-"""`robucap attack show-and-fool|fgsm|pgd|ensemble` end to end on the tiny trained checkpoint, and its errors."""
+"""`robucap attack show-and-fool|fgsm|fgsm_rs|pgd|fg|ensemble` end to end on tiny checkpoints, and its errors."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +13,11 @@ import torch
 from helpers.fake_datasets import FakeDataset, write_flickr8k, write_karpathy
 from transformers.utils import logging as hf_logging
 
+from callbacks.image_grid import difference_gain, difference_image
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from datamodules.shapes import COLORS
-from lightning_app.attack import amplified_delta, saved_data_settings
+from lightning_app.attack.data import saved_data_settings
 from lightning_app.cli import main
 from modules.attacks.show_and_fool import ShowAndFool
 from modules.captioning import CaptioningModule
@@ -52,7 +52,7 @@ def test_show_and_fool_caption_and_keyword(
     assert main(args) == 0
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["modes"] == ["caption", "keyword_1"]  # --target and --keywords pick the modes
+    assert results["modes"] == ["caption", "keyword_1"]  # --target and --keywords pick the modes
     assert results["data"]["format"] == "shapes" and results["data"]["n_images"] == 4
     blocks = results["show_and_fool"]
     assert set(blocks) == {"caption", "keyword_1"}
@@ -82,56 +82,83 @@ def test_paper_style_targets(trained_checkpoint: Path, shapes_root: Path, monkey
     clean = ["a small red cross", "a large blue circle", "a small green square"]
     monkeypatch.setattr(targeted_eval, "greedy_captions", lambda *args, **kwargs: list(clean))
     images, ids, refs = batch["pixel_values"], batch["image_id"], batch["references"]
-    attack = ShowAndFool(mode="keyword", iterations=3, search_rounds=1)
+    attack = ShowAndFool(iterations=3, search_rounds=1)
     run = targeted_eval.run_show_and_fool(module, images, ids, refs, attack, n_keywords=1, seed=1, meteor=False)
-    assert run["adversarial"].shape == images.shape and run["skipped"] == []
-    for record, own in zip(run["records"], clean, strict=True):
-        (keyword,) = record["target"]
-        assert keyword not in own.split() and keyword in record["target_caption"].split()
-        assert record["target_caption"] in clean and record["target_caption"] != own
-    caption_run = targeted_eval.run_show_and_fool(
-        module, images, ids, refs, ShowAndFool(iterations=3, search_rounds=1), seed=1, meteor=False
-    )
-    assert all(r["target"] in clean and r["target"] != r["clean"] for r in caption_run["records"])
-    with pytest.raises(RobucapError, match="mode 'keyword' does not match n_keywords=0"):
-        targeted_eval.run_show_and_fool(module, images, ids, refs, attack, n_keywords=0)
+    assert run.adversarial.shape == images.shape and run.skipped == []
+    for record, own in zip(run.records, clean, strict=True):
+        (keyword,) = record.target
+        assert keyword not in own.split() and keyword in record.target_caption.split()
+        assert record.target_caption in clean and record.target_caption != own
+    caption_run = targeted_eval.run_show_and_fool(module, images, ids, refs, attack, seed=1, meteor=False)
+    assert all(r.target in clean and r.target != r.clean for r in caption_run.records)
+    with pytest.raises(RobucapError, match="the fixed target of keyword_1 must be 1 keywords"):
+        targeted_eval.run_show_and_fool(module, images, ids, refs, attack, n_keywords=1, target="a red cross")
 
 
 @pytest.mark.parametrize("method", ["fgsm", "pgd"])
 def test_gradient_attacks(
-    method: str, trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    method: str, distinct_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """On a model that tells the test images apart, each record must be its own image's: its clean caption, its
+    references, its distortion within the budget; and the attack must change captions."""
     out = tmp_path / method
-    if method == "pgd":  # through a config file's data: section
+    if method == "pgd":  # through a data config file's data: section
         config = tmp_path / "data.yaml"
         config.write_text(f"data:\n  format: coco\n  root: {shapes_root}\n  image_size: 32\n  progress: false\n")
-        args = ["--ckpt", str(trained_checkpoint), "--config", str(config), "--images", "4", "--steps", "2"]
-        args += ["--out", str(out)]
+        args = ["--ckpt", str(distinct_checkpoint), "--data_config", str(config), "--images", "6", "--steps", "3"]
+        args += ["--batch-size", "4", "--out", str(out)]
     else:
-        args = _common(trained_checkpoint, shapes_root, out)
+        args = _common(distinct_checkpoint, shapes_root, out) + ["--images", "6"]
     assert main(["attack", method, *args, "--epsilon", "0.05"]) == 0
     assert f"robucap attack {method} done" in capsys.readouterr().out
     block = json.loads((out / "results.json").read_text())["attack"]
     assert {"name", "epsilon", "bleu4_clean", "bleu4_adv", "changed", "rmsd"} <= set(block)
-    assert block["name"] == method and block["epsilon"] == 0.05 and block["n"] == 4
-    assert 0.0 <= block["changed"] <= 1.0 and 0.0 < block["rmsd"] <= 0.05 * 255 + 1e-3
+    assert block["name"] == method and block["epsilon"] == 0.05 and block["n"] == 6
+    module = CaptioningModule.load_from_checkpoint(distinct_checkpoint, map_location="cpu", weights_only=True).eval()
+    dm = CaptionDataModule(format="coco", root=str(shapes_root), image_size=32, progress=False)
+    dm.tokenizer = module.tokenizer
+    batch = next(iter(evaluation_loader(module, dm.eval_dataset("test"), 6, 6)))
+    records = block["records"]
+    clean = module.caption(batch["pixel_values"])
+    assert len(set(clean)) > 2  # the model tells images apart, so a mix-up below would show
+    assert [r["clean"] for r in records] == clean
+    assert [r["image_id"] for r in records] == list(batch["image_id"])
+    assert [r["references"] for r in records] == [list(refs) for refs in batch["references"]]
+    assert all(0.0 < r["linf"] <= 0.05 + 1e-6 and 0.0 < r["rmsd"] <= 0.05 * 255 + 1e-3 for r in records)
+    assert block["changed"] == pytest.approx(sum(r["changed"] for r in records) / 6)
+    assert block["changed"] > 0  # an attack at 0.05 changes some caption of this barely trained model
+    assert all(r["changed"] == (r["clean"] != r["prediction"]) for r in records)
+    assert block["rmsd"] == pytest.approx(sum(r["rmsd"] for r in records) / 6)
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
 def test_ensemble_held_out(
-    trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_checkpoint: Path,
+    distinct_checkpoint: Path,
+    shapes_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    second = tmp_path / "second.ckpt"
-    shutil.copy(trained_checkpoint, second)
+    """The held-out model is another training run (12 epochs, not 4), so it captions the clean images otherwise
+    than the member does: the table's rows must be each model's own evaluation of the same adversarial images."""
+    second = distinct_checkpoint
     out = tmp_path / "ensemble"
     args = ["attack", "ensemble", "--ckpt", str(trained_checkpoint), str(second), "--held-out", "1",
             "--data-root", str(shapes_root), "--images", "3", "--iterations", "2", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    block = json.loads((out / "results.json").read_text())["ensemble"]
+    results = json.loads((out / "results.json").read_text())
+    block = results["ensemble"]
     assert (block["members"], block["held_out"], block["method"], block["targeted"]) == ([0], 1, "optimization", False)
     assert [m["role"] for m in block["models"]] == ["member", "held_out"]
     assert block["held_out_result"]["checkpoint"] == str(second)
     assert {"bleu4_clean", "bleu4_adv", "changed"} <= set(block["held_out_result"]) and block["rmsd"] >= 0.0
+    # The records are the held-out model's (the reference): its clean captions, which the member's differ from.
+    held_out = CaptioningModule.load_from_checkpoint(second, map_location="cpu", weights_only=True).eval()
+    member = CaptioningModule.load_from_checkpoint(trained_checkpoint, map_location="cpu", weights_only=True).eval()
+    images = _test_images(held_out, shapes_root, 3)
+    assert [r["clean"] for r in block["records"]] == held_out.caption(images)
+    assert held_out.caption(images) != member.caption(images)
+    assert block["models"][0]["bleu4_clean"] != block["models"][1]["bleu4_clean"]
     out2 = tmp_path / "targeted"
     args = ["attack", "ensemble", "--ckpt", str(trained_checkpoint), str(second), "--targeted", "--target", TARGET,
             "--method", "fgs", "--epsilon", "0.03", "--data-root", str(shapes_root), "--images", "2",
@@ -139,7 +166,15 @@ def test_ensemble_held_out(
     assert main(args) == 0
     block = json.loads((out2 / "results.json").read_text())["ensemble"]
     assert all(0.0 <= m["target_rate"] <= 1.0 for m in block["models"]) and block["held_out"] is None
+    assert all(r["target"] == TARGET and r["success"] == (r["prediction"] == TARGET) for r in block["records"])
     assert "robucap attack ensemble done" in capsys.readouterr().out
+
+
+def _test_images(module: CaptioningModule, root: Path, n_images: int) -> torch.Tensor:
+    """The first ``n_images`` test images of the shapes dataset at ``root``, as the attack command loads them."""
+    dm = CaptionDataModule(format="coco", root=str(root), image_size=32, progress=False)
+    dm.tokenizer = module.tokenizer
+    return next(iter(evaluation_loader(module, dm.eval_dataset("test"), n_images, n_images)))["pixel_values"]
 
 
 def test_helpers() -> None:
@@ -147,9 +182,14 @@ def test_helpers() -> None:
     adversarial = clean.clone()
     adversarial[0] += 1 / 255
     assert rmsd_255(clean, adversarial).tolist() == pytest.approx([1.0, 0.0])
-    delta = amplified_delta(clean, adversarial)
+    delta = difference_image(clean, adversarial, gain=10.0)
     assert torch.allclose(delta[1], torch.full_like(delta[1], 0.5))
     assert torch.allclose(delta[0], torch.full_like(delta[0], 0.5 + 10 / 255))
+    # One rule: an L-infinity budget maps to the full range; without one, the figure's largest change does.
+    assert difference_gain(adversarial - clean, epsilon=0.05) == pytest.approx(10.0)
+    assert difference_gain(adversarial - clean) == pytest.approx(0.5 * 255)
+    assert difference_gain([torch.zeros(3), torch.tensor([0.0, -0.25, 0.1])]) == pytest.approx(2.0)
+    assert difference_gain([torch.zeros(3)]) == pytest.approx(0.5 * 255)  # no change: no division by zero
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -213,7 +253,7 @@ def test_input_errors(
     del state["datamodule_hyper_parameters"]
     torch.save(state, anonymous)
     assert _error(["attack", "fgsm", "--ckpt", str(anonymous), *out], capsys).startswith(
-        "no data: give --data-root (a dataset directory) or --config"
+        "no data: give --data_root (a dataset directory) or --data_config"
     )
     assert _error(["attack", "ensemble", *ckpt, *data, *out], capsys) == (
         "the ensemble attack needs at least 2 checkpoints (--ckpt A B ...), got 1"
@@ -348,7 +388,7 @@ def test_attack_uses_the_checkpoint_data_settings(
     config = tmp_path / "flickr8k.yaml"
     config.write_text(f"data:\n  format: flickr8k\n  root: {flickr}\n  image_size: 224\n  min_freq: 5\n")
     out = tmp_path / "config"
-    argv = ["attack", "fgsm", "--ckpt", str(trained_checkpoint), "--config", str(config), "--images", "2",
+    argv = ["attack", "fgsm", "--ckpt", str(trained_checkpoint), "--data_config", str(config), "--images", "2",
             "--examples", "0", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())["data"]
@@ -367,7 +407,7 @@ def test_explicit_format_wins_over_detection(
             "--examples", "0"]  # fmt: skip
     message = _error([*base, "--out", str(tmp_path / "o")], capsys)
     assert message.startswith(f"{root} holds the files of several dataset formats (flickr8k: ")
-    assert "karpathy: dataset_flickr8k.json" in message and message.endswith("; give --format or --config")
+    assert "karpathy: dataset_flickr8k.json" in message and message.endswith("; give --format or --data_config")
     out = tmp_path / "karpathy"
     assert main([*base, "--format", "karpathy", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())["data"]
@@ -381,21 +421,37 @@ def test_data_setting_errors(
     ckpt = ["attack", "fgsm", "--ckpt", str(trained_checkpoint)]
     out = ["--out", str(tmp_path / "o")]
     assert _error([*ckpt, "--data-root", str(shapes_root), "--image-size", "64", *out], capsys) == (
-        f"--image-size is 64 px but checkpoint {trained_checkpoint}'s captioner takes 32 px images "
-        "(leave --image-size out to use the checkpoint's size)"
+        f"--image_size is 64 px but checkpoint {trained_checkpoint}'s captioner takes 32 px images "
+        "(leave --image_size out to use the checkpoint's size)"
     )
     empty = tmp_path / "empty"
     empty.mkdir()
     message = _error([*ckpt, "--data-root", str(empty), *out], capsys)
     assert message.startswith(f"cannot tell the dataset format of {empty}: it has none of the files looked for (")
-    assert "flickr8k: Flickr8k.token.txt" in message and message.endswith("; give --format or --config")
+    assert "flickr8k: Flickr8k.token.txt" in message and message.endswith("; give --format or --data_config")
 
     moved = tmp_path / "moved.ckpt"
     state = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     state["datamodule_hyper_parameters"]["root"] = str(tmp_path / "gone")
     torch.save(state, moved)
     assert _error(["attack", "fgsm", "--ckpt", str(moved), *out], capsys) == (
-        f"data directory {tmp_path / 'gone'}, recorded in checkpoint {moved}, does not exist; give --data-root "
-        "(where the dataset is now) or --config"
+        f"data directory {tmp_path / 'gone'}, recorded in checkpoint {moved}, does not exist; give --data_root "
+        "(where the dataset is now) or --data_config"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_top_level_help_names_every_study_and_points_to_the_attacks(capsys: pytest.CaptureFixture[str]) -> None:
+    """``robucap --help`` is hand-written (it must not import torch): it names every study, and sends the reader to
+    ``robucap attack --help``, which lists every attack subcommand (attacks register themselves)."""
+    from lightning_app.attack import subcommands
+    from lightning_app.studies import available_studies
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"study {name} --out DIR" in text for name in available_studies())
+    attack_line = next(line for line in text.splitlines() if line.strip().startswith("attack "))
+    assert "--data_root" in attack_line and "--data-root" not in text and "robucap attack --help" in text
+    assert main(["attack", "--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in subcommands())

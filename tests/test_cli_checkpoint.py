@@ -18,6 +18,7 @@ from datamodules.shapes import ShapesConfig, generate_shapes
 from lightning_app import cli as cli_module
 from lightning_app.cli import main
 from lightning_app.lightning_cli import apply_checkpoint_settings, run_lightning_cli
+from modules.captioners import ViTGPT2Settings
 from modules.captioning import CaptioningModule
 from modules.checkpoint import CheckpointInfo, read_checkpoint_info, same_tokenizer
 
@@ -146,27 +147,35 @@ def test_image_size_that_contradicts_the_checkpoint_is_one_line(
 def test_architecture_that_contradicts_the_checkpoint_is_one_line(
     trained_checkpoint: Path, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``--model.arch show_attend_tell`` with a ViT-GPT2 checkpoint was ignored silently."""
-    args = [*_args(shapes_root, tmp_path), "--ckpt_path", str(trained_checkpoint), "--model.arch", "show_attend_tell"]
-    assert main(["test", *args]) == 2
+    """``--model.captioner show_attend_tell`` with a ViT-GPT2 checkpoint was ignored silently."""
+    args = [*_args(shapes_root, tmp_path), "--ckpt_path", str(trained_checkpoint)]
+    assert main(["test", *args, "--model.captioner", "show_attend_tell"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "model.arch is 'show_attend_tell' but the checkpoint's captioner has 'vit_gpt2'" in err[0]
+    assert "model.captioner is {'class_path': 'modules.captioners.show_attend_tell.ShowAttendTellSettings'" in err[0]
+    assert "but the checkpoint's captioner has {'class_path': 'modules.captioners.vit_gpt2.ViTGPT2Settings'" in err[0]
+    # Another preset of the same architecture is another captioner too; the same settings by short name are not.
+    assert main(["test", *args, "--model.captioner.init_args.preset", "base"]) == 2
+    assert "'preset': 'base'" in capsys.readouterr().err
+    assert main(["validate", *args, "--model.captioner", "vit_gpt2", "--trainer.limit_val_batches", "1"]) == 0
 
 
 def test_checkpoint_settings_explicit_values_win_unset_take_the_checkpoint() -> None:
     """Explicit decoding options (``--model.num_beams 3``) are kept; unset ones take the checkpoint's values, and
     the image size follows the checkpoint when the data leaves it at its default."""
+    default_captioner = ViTGPT2Settings().to_dict()
+    saved_captioner = ViTGPT2Settings(overrides={"decoder": {"n_layer": 1}}).to_dict()
     defaults = Namespace(
-        model=Namespace(arch="vit_gpt2", num_beams=1, lr=1e-3, image_size=64), data=Namespace(image_size=64)
+        model=Namespace(captioner=default_captioner, num_beams=1, lr=1e-3, image_size=64), data=Namespace(image_size=64)
     )
     config = Namespace(
-        model=Namespace(arch="vit_gpt2", num_beams=3, lr=1e-3, image_size=64), data=Namespace(image_size=64)
+        model=Namespace(captioner=default_captioner, num_beams=3, lr=1e-3, image_size=64), data=Namespace(image_size=64)
     )
-    saved = {"arch": "vit_gpt2", "num_beams": 1, "lr": 5e-3, "image_size": 32}
+    saved = {"captioner": saved_captioner, "num_beams": 1, "lr": 5e-3, "image_size": 32}
     checkpoint = CheckpointInfo(path=Path("x.ckpt"), tokenizer=None, model=saved)  # type: ignore[arg-type]
     apply_checkpoint_settings(config, defaults, checkpoint)
     assert config.model.num_beams == 3 and config.model.lr == 5e-3
+    assert config.model.captioner == saved_captioner  # an unset captioner is the checkpoint's
     assert config.model.image_size == 32 and config.data.image_size == 32
 
 
@@ -201,7 +210,7 @@ def test_default_root_dir_holds_logs_and_checkpoints_and_output_is_quiet(
 
 @pytest.mark.parametrize(
     ("words", "expected"),
-    [(["fit"], "--data.predict_images"), (["attack", "fgsm"], "--data-root"), (["study", "freeze"], "--out")],
+    [(["fit"], "--data.predict_images"), (["attack", "fgsm"], "--data_root"), (["study", "freeze"], "--out")],
 )
 def test_help_is_served_from_the_cache(
     words: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

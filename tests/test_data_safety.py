@@ -183,13 +183,14 @@ def test_studies_default_to_a_root_of_their_own_shapes_settings() -> None:
     """``robucap study ... --profile smoke`` (48 training images) or the freeze study with
     ``--seed 1`` used ``data/shapes`` by default, which regenerated (deleted) the demo's dataset; they now default to
     a folder named after the settings that differ, so neither deletes nor hits the refusal."""
-    import argparse
-
-    from lightning_app.studies import default_data_root
+    from lightning_app.studies import load_study
+    from lightning_app.studies.base import StudyData
 
     def root(name: str, smoke: bool = False, seed: int | None = None, image_size: int = 64) -> str:
-        args = argparse.Namespace(name=name, data_format="shapes", seed=seed, image_size=image_size)
-        return default_data_root(args, {"n_train": 48} if smoke else {})
+        study = load_study(name)
+        settings = study.settings_type() if seed is None else study.settings_type(seed=seed)
+        data = StudyData(image_size=image_size, shapes={"n_train": 48} if smoke else {})
+        return data.module_options(study.data_seed(settings))["root"]
 
     assert root("freeze") == root("backdoor", seed=2021) == root("transfer") == "data/shapes"
     assert root("backdoor", smoke=True) == "data/shapes_smoke"

@@ -21,6 +21,7 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert summary.startswith("robucap demo done") and str(out / "report.html") in summary
 
     results = json.loads((out / "results.json").read_text())
+    assert results["profile"] == "smoke" and results["settings"]["show_and_fool"]["targets"] == "references"
     assert results["dataset"]["name"] == "shapes"
     assert results["dataset"]["splits"] == {"train": 48, "val": 9, "test": 9}
     assert results["dataset"]["image_size"] == 32

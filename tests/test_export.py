@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,8 @@ from transformers import (
 )
 
 from datamodules.collate import CaptionCollator
+from datamodules.datamodule import CaptionDataModule
+from datamodules.errors import RobucapError
 from datamodules.formats import load_split
 from datamodules.image_decode import EXIF_ORIENTATION_TAG
 from datamodules.images import load_image
@@ -310,3 +313,18 @@ def test_checkpoint_weights_only_round_trip(trained_checkpoint: Path) -> None:
     state = checkpoint["state_dict"]
     for name, value in module.state_dict().items():
         assert torch.equal(value, state[name]), name
+
+
+def test_a_captioner_without_a_transformers_form_is_refused_by_name(shapes_root: Path, tmp_path: Path) -> None:
+    """The captioner says whether it exports (``Captioner.transformers_model``); Show-Attend-Tell has no
+    transformers form, and the export names it instead of failing in save_pretrained."""
+    datamodule = CaptionDataModule(format="coco", root=str(shapes_root), image_size=32, batch_size=8, progress=False)
+    datamodule.setup("fit")
+    module = CaptioningModule.with_tokenizer(datamodule.tokenizer, captioner="show_attend_tell", image_size=32)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "sat.ckpt")
+    with pytest.raises(RobucapError, match="the ShowAttendTellCaptioner captioner cannot be exported to transformers"):
+        export_checkpoint(tmp_path / "sat.ckpt", tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -1,4 +1,4 @@
-"""Show-and-Fool (Show-and-Fool, Chen et al. 2018): losses, tanh box, per-row Adam, batching, targets and errors."""
+"""Show-and-Fool (Chen et al. 2018): losses, tanh box, per-row Adam, the c search, batching, targets and errors."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ import torch
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import build_word_tokenizer
-from modules.attacks.show_and_fool import (
-    ShowAndFool,
-    caption_ids,
-    keyword_loss,
-    log_prob_loss,
-    logits_loss,
-)
+from modules.attacks import ShowAndFool, build_attack
 from modules.attacks.tanh_box import RowAdam, from_tanh_space, to_tanh_space
 from modules.attacks.targets import choose_targets, content_words, keyword_ids, target_caption_ids
 from modules.captioning import CaptioningModule
+from modules.victims.captioner import (
+    CaptionObjective,
+    KeywordObjective,
+    caption_ids,
+    keyword_loss,
+    logits_loss,
+    sequence_nll,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +57,12 @@ def test_logits_loss_within_the_margin_still_pushes_and_padding_is_ignored() -> 
     assert grad[0, 0].abs().sum() > 0 and torch.equal(grad[0, 1], torch.zeros(3))
 
 
-def test_log_prob_loss_is_the_summed_negative_log_likelihood() -> None:
+def test_sequence_nll_is_the_summed_negative_log_likelihood() -> None:
     logits = torch.randn(2, 3, 5)
     labels = torch.tensor([[1, 2, -100], [0, 4, 3]])
     logp = logits.log_softmax(-1)
     expected = torch.stack([-(logp[0, 0, 1] + logp[0, 1, 2]), -(logp[1, 0, 0] + logp[1, 1, 4] + logp[1, 2, 3])])
-    assert torch.allclose(log_prob_loss(logits, labels), expected, atol=1e-6)
+    assert torch.allclose(sequence_nll(logits, labels), expected, atol=1e-6)
 
 
 def test_keyword_loss_takes_each_keywords_best_position() -> None:
@@ -125,24 +127,52 @@ def test_row_adam_matches_torch_adam_and_rows_are_independent() -> None:
 
 
 # -- the attack ------------------------------------------------------------------------------------------------------
+def caption_target(module: CaptioningModule, ids: list[list[int]]) -> CaptionObjective:
+    """Show-and-Fool's targeted-caption objective (eq. 7) on ``module``'s captioner."""
+    return CaptionObjective.targeting(module.captioner, ids, loss="logits", max_new_tokens=24)
+
+
 def test_own_caption_as_target_succeeds_at_once_with_no_distortion(
     trained: CaptioningModule, images: torch.Tensor
 ) -> None:
     own = caption_ids(trained.captioner.generate(images, max_new_tokens=24), trained.captioner.vocab)
-    attack = ShowAndFool(iterations=3, search_rounds=1, max_new_tokens=24)
-    result = attack(trained.captioner, images, own)
+    result = ShowAndFool(iterations=3, search_rounds=1)(caption_target(trained, own), images)
     assert result.success.all()
     assert torch.allclose(result.l2, torch.zeros(4), atol=1e-4)
     assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
+    assert result.rounds == 1 and result.c.tolist() == [1.0] * 4
+
+
+def test_the_c_search_raises_c_until_an_unmet_target_is_generated(distinct_checkpoint: Path) -> None:
+    """Another image's caption as target (as in the paper) and a first c too small to reach it: the search must raise
+    c (x10 per round) until the generated caption is the target, then bisect down."""
+    module = CaptioningModule.load_from_checkpoint(distinct_checkpoint, map_location="cpu", weights_only=True).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    clean = module.caption(images)
+    assert clean[0] != clean[1]
+    x, target = images[:1], clean[1]
+    objective = caption_target(module, [target_caption_ids(module.tokenizer, target)])
+    options = {"iterations": 50, "lr": 0.01, "initial_c": 0.01}
+
+    first_round = ShowAndFool(search_rounds=1, **options)(objective, x)
+    assert not first_round.success.any()  # c = 0.01: the distortion term wins, the target is not reached
+
+    result = ShowAndFool(search_rounds=5, **options)(objective, x)
+    assert result.success.all() and result.rounds == 5
+    assert float(result.c[0]) > 10 * options["initial_c"]  # at least two x10 rounds before the first success
+    # Success is the objective's verdict on the generated caption of the returned image, not a teacher-forced guess.
+    assert module.caption(result.adversarial) == [target]
+    assert float(result.l2[0]) > float(first_round.l2[0]) > 0
+    assert int(result.iterations[0]) > options["iterations"]
 
 
 def test_batched_and_per_image_runs_agree(trained: CaptioningModule, images: torch.Tensor) -> None:
     clean = trained.caption(images)
     targets = choose_targets(clean + ["a red circle", "a large blue square"], seed=1)[: len(clean)]
     ids = [target_caption_ids(trained.tokenizer, t) for t in targets]
-    attack = ShowAndFool(iterations=40, search_rounds=2, max_new_tokens=24, lr=0.05)
-    batched = attack(trained.captioner, images, ids)
-    single = [attack(trained.captioner, images[i : i + 1], ids[i : i + 1]) for i in range(len(ids))]
+    attack = ShowAndFool(iterations=40, search_rounds=2, lr=0.05)
+    batched = attack(caption_target(trained, ids), images)
+    single = [attack(caption_target(trained, ids[i : i + 1]), images[i : i + 1]) for i in range(len(ids))]
     assert batched.success.tolist() == [bool(s.success[0]) for s in single]
     assert torch.allclose(batched.l2, torch.cat([s.l2 for s in single]), atol=1e-3)
     assert batched.iterations.tolist() == [int(s.iterations[0]) for s in single]
@@ -152,8 +182,9 @@ def test_batched_and_per_image_runs_agree(trained: CaptioningModule, images: tor
 def test_keyword_mode_runs_and_reports_success_by_inclusion(trained: CaptioningModule, images: torch.Tensor) -> None:
     clean = trained.caption(images)
     own_word = [[content_words(c)[0]] for c in clean]  # already present: success without any change
-    attack = ShowAndFool(mode="keyword", iterations=5, search_rounds=1, max_new_tokens=24)
-    result = attack(trained.captioner, images, [keyword_ids(trained.tokenizer, k) for k in own_word])
+    objective = KeywordObjective(trained.captioner, [keyword_ids(trained.tokenizer, k) for k in own_word])
+    assert objective.moving_target
+    result = ShowAndFool(iterations=5, search_rounds=1)(objective, images)
     assert result.success.all()
     assert torch.allclose(result.l2, torch.zeros(4), atol=1e-4)
 
@@ -162,7 +193,7 @@ def test_attack_leaves_parameters_and_mode_alone(trained: CaptioningModule, imag
     trained.train()
     before = {k: v.clone() for k, v in trained.state_dict().items()}
     ids = [target_caption_ids(trained.tokenizer, "a red circle")] * 4
-    ShowAndFool(iterations=3, search_rounds=1, max_new_tokens=24)(trained.captioner, images, ids)
+    ShowAndFool(iterations=3, search_rounds=1)(caption_target(trained, ids), images)
     assert trained.training and all(p.grad is None for p in trained.parameters())
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
     trained.eval()
@@ -171,7 +202,7 @@ def test_attack_leaves_parameters_and_mode_alone(trained: CaptioningModule, imag
 def test_attack_works_under_inference_mode(trained: CaptioningModule, images: torch.Tensor) -> None:
     ids = [target_caption_ids(trained.tokenizer, "a red circle")] * 4
     with torch.inference_mode():
-        result = ShowAndFool(iterations=3, search_rounds=1, max_new_tokens=24)(trained.captioner, images, ids)
+        result = ShowAndFool(iterations=3, search_rounds=1)(caption_target(trained, ids), images)
     assert result.adversarial.shape == images.shape
 
 
@@ -234,20 +265,40 @@ def test_keyword_errors() -> None:
         ({"iterations": 0}, "iterations must be an integer >= 1, got 0"),
         ({"search_rounds": 0}, "search_rounds must be an integer >= 1"),
         ({"lr": 0.0}, "lr must be a number > 0"),
-        ({"margin": -1}, "margin must be a number > 0"),
-        ({"mode": "word"}, "mode must be one of \\['caption', 'keyword'\\]"),
-        ({"loss": "hinge"}, "loss must be one of"),
-        ({"mode": "keyword", "loss": "log_prob"}, "keyword mode uses the logits loss"),
+        ({"reinfer_every": 0}, "reinfer_every must be an integer >= 1"),
     ],
 )
 def test_bad_options_are_named(options: dict, message: str) -> None:
     with pytest.raises(RobucapError, match=message):
         ShowAndFool(**options)
+    with pytest.raises(RobucapError, match=message):
+        build_attack("show_and_fool", **options)
+
+
+def test_bad_objective_options_are_named(trained: CaptioningModule) -> None:
+    ids = [target_caption_ids(trained.tokenizer, "a red circle")]
+    with pytest.raises(RobucapError, match="margin must be a number > 0"):
+        CaptionObjective.targeting(trained.captioner, ids, loss="logits", margin=-1)
+    with pytest.raises(RobucapError, match="loss must be one of \\['cross_entropy', 'log_prob', 'logits'\\]"):
+        CaptionObjective.targeting(trained.captioner, ids, loss="hinge")
+    labels = CaptionObjective.targeting(trained.captioner, ids).labels
+    with pytest.raises(RobucapError, match="the logits loss .* is a targeted loss"):
+        CaptionObjective(trained.captioner, labels, loss="logits")
+    with pytest.raises(RobucapError, match="gate_value must be a number > 0"):
+        KeywordObjective(trained.captioner, [[5]], gate_value=0)
+    with pytest.raises(RobucapError, match="needs a Captioner, got CaptioningModule \\(pass module.captioner"):
+        KeywordObjective(trained, [[5]])  # type: ignore[arg-type]
 
 
 def test_bad_call_shapes(trained: CaptioningModule, images: torch.Tensor) -> None:
     attack = ShowAndFool(iterations=1, search_rounds=1)
-    with pytest.raises(RobucapError, match="one target per image"):
-        attack(trained.captioner, images, [[5]])
-    with pytest.raises(RobucapError, match="non-empty target"):
-        attack(trained.captioner, images, [[5], [], [5], [5]])
+    with pytest.raises(RobucapError, match=r"ShowAndFool expects pixel_values \(1, C, H, W\)"):
+        attack(caption_target(trained, [[5]]), images)
+    with pytest.raises(RobucapError, match="the target of image 1 is empty"):
+        caption_target(trained, [[5], [], [5], [5]])
+    with pytest.raises(RobucapError, match=r"the keyword list of image 0 must be token ids in \[0, "):
+        KeywordObjective(trained.captioner, [[10**6]])
+    # An objective with no finish line cannot drive the c search.
+    untargeted = CaptionObjective(trained.captioner, caption_target(trained, [[5]] * 4).labels)
+    with pytest.raises(RobucapError, match="Show-and-Fool needs an objective that defines success"):
+        attack(untargeted, images)

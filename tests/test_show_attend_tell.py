@@ -23,11 +23,13 @@ from modules.captioners import (
     CaptionerOutput,
     CNNEncoder,
     ShowAttendTellCaptioner,
+    ShowAttendTellSettings,
     build_captioner,
     caption_loss,
     cnn_encoder,
 )
 from modules.captioning import CaptioningModule
+from modules.victims.captioner import CaptionObjective
 
 IMAGE_SIZE = 32
 CAPTIONS = ["a red circle on the left", "two blue squares"]
@@ -270,39 +272,6 @@ def test_beam_search_scores_at_least_greedy(models: dict, batch: dict, kind: str
     assert torch.equal(model.generate(pixels, max_new_tokens=10, num_beams=4), beam.sequences)
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_shape_and_padding(models: dict, vocab: VocabInfo, num_beams: int) -> None:
-    pixels = _images(5)
-    for model in models.values():
-        tokens = model.generate(pixels, max_new_tokens=6, num_beams=num_beams)
-        assert tokens.dtype == torch.long
-        assert tokens.shape[0] == 5 and 1 <= tokens.shape[1] <= 6
-        assert ((tokens >= 0) & (tokens < vocab.vocab_size)).all()
-        assert not tokens[:, 0].eq(vocab.bos_token_id).any()
-        for row in tokens.tolist():
-            if vocab.eos_token_id in row:
-                rest = row[row.index(vocab.eos_token_id) + 1 :]
-                assert rest == [vocab.pad_token_id] * len(rest), (num_beams, row)
-        # Stopping early: once every caption has ended there are no all-padding columns.
-        if tokens.shape[1] < 6:
-            assert tokens[:, -1].eq(vocab.eos_token_id).any()
-
-
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_overfit_model_generates_its_captions(
-    overfit: ShowAttendTellCaptioner,
-    tokenizer: PreTrainedTokenizerFast,
-    vocab: VocabInfo,
-    batch: dict,
-    num_beams: int,
-) -> None:
-    """Greedy and beam search return the training captions + EOS, padded with pad after EOS, no start token."""
-    tokens = overfit.generate(batch["pixel_values"], max_new_tokens=12, num_beams=num_beams)
-    expected = batch["labels"].masked_fill(batch["labels"].eq(-100), vocab.pad_token_id)
-    assert tokens.tolist() == expected.tolist()
-    assert tokenizer.batch_decode(tokens, skip_special_tokens=True) == CAPTIONS
-
-
 # --------------------------------------------------------------------------------- normalisation and parts
 
 
@@ -313,13 +282,10 @@ def test_normalize_uses_imagenet_statistics(captioner: ShowAttendTellCaptioner) 
     assert torch.allclose(captioner.normalize(pixels), expected)
 
 
-def test_encoder_and_decoder_partition_the_parameters(captioner: ShowAttendTellCaptioner) -> None:
+def test_attention_belongs_to_the_decoder(captioner: ShowAttendTellCaptioner) -> None:
     assert isinstance(captioner.encoder, CNNEncoder)
     assert isinstance(captioner.decoder, AttentionLSTMDecoder)
-    encoder, decoder = _param_ids(captioner.encoder), _param_ids(captioner.decoder)
-    assert encoder and decoder
-    assert not encoder & decoder
-    assert encoder | decoder == _param_ids(captioner)
+    decoder = _param_ids(captioner.decoder)
     # The attention, its projection of the features and the initial-state layers are part of the decoder.
     for part in (captioner.decoder.attention, captioner.decoder.init_h, captioner.decoder.f_beta):
         assert _param_ids(part) <= decoder
@@ -402,12 +368,11 @@ def test_encoder_weights_through_the_lightning_module(
     source = build_captioner("show_attend_tell", VocabInfo.from_tokenizer(tokenizer), IMAGE_SIZE)
     torch.save(source.encoder.trunk.state_dict(), tmp_path / "tiny.pt")
     torch.manual_seed(1)
-    module = CaptioningModule.with_tokenizer(
-        tokenizer, arch="show_attend_tell", image_size=IMAGE_SIZE, encoder_weights=str(tmp_path / "tiny.pt")
-    )
+    settings = ShowAttendTellSettings(encoder_weights=str(tmp_path / "tiny.pt"))
+    module = CaptioningModule.with_tokenizer(tokenizer, captioner=settings, image_size=IMAGE_SIZE)
     for key, value in source.encoder.trunk.state_dict().items():
         assert torch.equal(module.captioner.encoder.trunk.state_dict()[key], value), key
-    assert module.hparams.encoder_weights == str(tmp_path / "tiny.pt")
+    assert module.hparams.captioner["init_args"]["encoder_weights"] == str(tmp_path / "tiny.pt")
 
 
 def _encoder_weights_file(which: str, tmp_path: Path, resnet18_files: dict) -> tuple[str, dict]:
@@ -518,12 +483,12 @@ def test_encoder_weights_loader_bug_is_not_bad_input(
     ("kwargs", "message"),
     [
         ({"preset": "huge"}, r"unknown show_attend_tell preset 'huge'; expected one of \['standard', 'tiny'\]"),
+        ({"pretrained_dir": "x"}, r"init_args \['pretrained_dir'\] are not options of ShowAttendTellSettings"),
         (
-            {"pretrained_dir": "x"},
-            r"pretrained_dir belong to the vit_gpt2 architecture; show_attend_tell loads a pretrained CNN from "
-            r"encoder_weights",
+            {"encoder_dir": "x", "decoder_dir": "y"},
+            r"\['decoder_dir', 'encoder_dir'\] are not options of ShowAttendTellSettings; expected \['preset', "
+            r"'encoder_weights', 'overrides'\]",
         ),
-        ({"encoder_dir": "x", "decoder_dir": "y"}, r"encoder_dir / decoder_dir belong to the vit_gpt2 architecture"),
         (
             {"overrides": {"hidden_size": 8}},
             r"unknown show_attend_tell override \['hidden_size'\]; allowed fields: \['backbone', 'widths', 'blocks', "
@@ -562,7 +527,7 @@ def test_image_smaller_than_the_stride(vocab: VocabInfo) -> None:
 def test_captioning_module_overfits_eight_images(tokenizer: PreTrainedTokenizerFast) -> None:
     torch.manual_seed(0)
     module = CaptioningModule.with_tokenizer(
-        tokenizer, arch="show_attend_tell", preset="tiny", image_size=IMAGE_SIZE, lr=3e-3, warmup_steps=0
+        tokenizer, captioner="show_attend_tell", image_size=IMAGE_SIZE, lr=3e-3, warmup_steps=0
     )
     assert isinstance(module.captioner, ShowAttendTellCaptioner)
     images = torch.rand(8, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
@@ -588,7 +553,7 @@ def test_captioning_module_overfits_eight_images(tokenizer: PreTrainedTokenizerF
 def test_fgsm_on_show_attend_tell(captioner: ShowAttendTellCaptioner, batch: dict) -> None:
     epsilon = 8 / 255
     pixels, labels = batch["pixel_values"], batch["labels"]
-    adversarial = FGSM(epsilon)(captioner, pixels, labels)
+    adversarial = FGSM(epsilon)(CaptionObjective(captioner, labels), pixels).adversarial
     assert (adversarial - pixels).abs().max() <= epsilon + 1e-6
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     with torch.no_grad():

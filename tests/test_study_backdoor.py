@@ -16,8 +16,8 @@ BLEU = {"bleu1", "bleu2", "bleu3", "bleu4"}
 
 def test_study_backdoor_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, data, cache = tmp_path / "study", tmp_path / "shapes", tmp_path / "cache"
-    args = ["study", "backdoor", "--out", str(out), "--profile", "smoke", "--data-root", str(data),
-            "--image-size", "32", "--no-wandb", "--cache-dir", str(cache)]  # fmt: skip
+    args = ["study", "backdoor", "--out", str(out), "--profile", "smoke", "--data.root", str(data),
+            "--data.image_size", "32", "--study.wandb", "false", "--study.cache_dir", str(cache)]  # fmt: skip
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("robucap study backdoor done") and "object_noise ASR" in last
@@ -59,8 +59,8 @@ def test_bad_settings(kwargs: dict, message: str) -> None:
 
 
 def test_bad_rate_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["study", "backdoor", "--out", str(tmp_path), "--profile", "smoke", "--rate", "-0.5"])
+    code = main(["study", "backdoor", "--out", str(tmp_path / "o"), "--profile", "smoke", "--study.rate", "-0.5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith(
-        "robucap: error: study stage 'backdoor' failed: poison.rate must be a share of images in [0, 1]"
-    )
+    # Checked when the settings are parsed, before anything is written.
+    assert code == 2 and err[-1].startswith("robucap: error: poison.rate must be a share of images in [0, 1]")
+    assert not (tmp_path / "o").exists()

@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from datamodules.errors import RobucapError
-from lightning_app import studies
 from lightning_app.cli import main
-from lightning_app.report import Report
-from lightning_app.studies.freeze import PHASES, FreezeStudyConfig
+from lightning_app.studies.base import StudyData
+from lightning_app.studies.freeze import PHASES, FreezeStudy, FreezeStudyConfig
 
 BLEU = {"bleu1", "bleu2", "bleu3", "bleu4"}
 
 
 def test_study_freeze_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
-    args = ["study", "freeze", "--out", str(out), "--profile", "smoke", "--data-root", str(tmp_path / "shapes"),
-            "--image-size", "32", "--no-wandb"]  # fmt: skip
+    args = ["study", "freeze", "--out", str(out), "--profile", "smoke", "--data.root", str(tmp_path / "shapes"),
+            "--data.image_size", "32", "--study.wandb", "false"]  # fmt: skip
     assert main(args) == 0
     assert str(out / "report.html") in capsys.readouterr().out.strip().splitlines()[-1]
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["freeze"]["status"] == "ok" and list(results["stages"]) == ["freeze"]
+    assert results["settings"]["study"]["trials"] == 2 and results["freeze_study"]["config"]["trials"] == 2
     block = results["freeze_study"]
     assert block["epsilon"] == 0.05
     rows = {r["name"]: r for r in block["rows"]}
@@ -45,34 +42,35 @@ def test_study_freeze_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "Freeze study" in html and html.count("data:image/png;base64,") >= 2  # bar chart + examples
 
 
-def _failing_study(error: Exception) -> Callable[..., tuple[dict, str]]:
-    def study(args: argparse.Namespace, out: Path, shapes: dict[str, Any], report: Report) -> tuple[dict, str]:
-        report.heading("written before the failure")
+def _failing_run(error: Exception):  # noqa: ANN202 - a replacement for FreezeStudy.run
+    def run(self: FreezeStudy, settings: FreezeStudyConfig, data: StudyData, out: Path) -> None:
+        (out / "partial.txt").write_text("written before the failure")
         raise error
 
-    return study
+    return run
 
 
 def test_a_failing_study_writes_its_stage_and_exits_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(studies, "_freeze", _failing_study(RobucapError("the data has no test split")))
+    monkeypatch.setattr(FreezeStudy, "run", _failing_run(RobucapError("the data has no test split")))
     out = tmp_path / "study"
-    assert main(["study", "freeze", "--out", str(out), "--data-root", str(tmp_path / "shapes")]) == 2
+    assert main(["study", "freeze", "--out", str(out), "--data.root", str(tmp_path / "shapes")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "robucap: error: study stage 'freeze' failed: the data has no test split"
     )
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["freeze"]["status"] == "failed"
     assert results["stages"]["freeze"]["error"] == "RobucapError: the data has no test split"
-    assert "written before the failure" in (out / "report.html").read_text()
+    assert (out / "partial.txt").is_file() and (out / "report.html").is_file()
+    assert results["settings"]["study"]["epsilon"] == 0.05
 
 
 def test_a_bug_in_a_study_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(studies, "_freeze", _failing_study(KeyError("rows")))
+    monkeypatch.setattr(FreezeStudy, "run", _failing_run(KeyError("rows")))
     out = tmp_path / "study"
     with pytest.raises(KeyError, match="rows"):
-        main(["study", "freeze", "--out", str(out), "--data-root", str(tmp_path / "shapes")])
+        main(["study", "freeze", "--out", str(out), "--data.root", str(tmp_path / "shapes")])
     record = json.loads((out / "results.json").read_text())["stages"]["freeze"]
     assert record["status"] == "failed" and record["error"] == "KeyError: 'rows'"
 

@@ -9,7 +9,7 @@ import pytest
 
 from datamodules.errors import RobucapError
 from lightning_app.cli import main
-from lightning_app.studies.transfer import ENSEMBLE_METHODS, TransferStudyConfig, study_settings
+from lightning_app.studies.transfer import ENSEMBLE_METHODS, TransferStudyConfig
 
 NAMES = ["vit_gpt2_s0", "vit_gpt2_s1", "sat_s0"]
 CELL = {"bleu4_clean", "bleu4_adv", "bleu4_drop", "changed", "target_hit", "target_hit_clean", "ori_bleu4",
@@ -20,8 +20,8 @@ CELL = {"bleu4_clean", "bleu4_adv", "bleu4_drop", "changed", "target_hit", "targ
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("transfer")
     out = tmp / "study"
-    args = ["study", "transfer", "--out", str(out), "--profile", "smoke", "--data-root", str(tmp / "shapes"),
-            "--image-size", "32", "--no-wandb"]  # fmt: skip
+    args = ["study", "transfer", "--out", str(out), "--profile", "smoke", "--data.root", str(tmp / "shapes"),
+            "--data.image_size", "32", "--study.wandb", "false"]  # fmt: skip
     assert main(args) == 0
     return out
 
@@ -67,9 +67,9 @@ def test_study_transfer_smoke(smoke_run: Path, capsys: pytest.CaptureFixture[str
 def test_study_transfer_from_checkpoints(smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoints = [str(smoke_run / "checkpoints" / name / "best.ckpt") for name in NAMES]
     out = tmp_path / "from_checkpoints"
-    args = ["study", "transfer", "--out", str(out), "--profile", "smoke", "--data-root",
-            str(smoke_run.parent / "shapes"), "--image-size", "32", "--no-wandb", "--images", "3",
-            "--checkpoints", *checkpoints]  # fmt: skip
+    args = ["study", "transfer", "--out", str(out), "--profile", "smoke", "--data.root",
+            str(smoke_run.parent / "shapes"), "--data.image_size", "32", "--study.wandb", "false", "--study.images",
+            "3", "--study.checkpoints", json.dumps(checkpoints)]  # fmt: skip
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("robucap study transfer done") and "ensemble on held-out" in last
@@ -80,13 +80,11 @@ def test_study_transfer_from_checkpoints(smoke_run: Path, tmp_path: Path, capsys
 
 
 def test_too_few_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["study", "transfer", "--out", str(tmp_path), "--profile", "smoke", "--checkpoints", "a.ckpt",
-                 "b.ckpt"])  # fmt: skip
+    code = main(["study", "transfer", "--out", str(tmp_path), "--profile", "smoke", "--study.checkpoints",
+                 "[a.ckpt, b.ckpt]"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith(
-        "robucap: error: study stage 'transfer' failed: transfer study --checkpoints needs at least 3 captioners"
-    )
+    assert err[-1].startswith("robucap: error: transfer study checkpoints needs at least 3 captioners")
 
 
 @pytest.mark.parametrize(
@@ -103,18 +101,21 @@ def test_bad_settings(kwargs: dict, message: str) -> None:
         TransferStudyConfig(**kwargs)
 
 
-def test_unknown_profile() -> None:
-    with pytest.raises(RobucapError, match="unknown transfer study profile 'fast'"):
-        study_settings("fast")
+def test_unknown_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", "transfer", "--out", "o", "--profile", "fast"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "robucap: error: unknown --profile 'fast'; expected one of ['full', 'quick', 'smoke']"
+    )
 
 
 def test_more_images_than_the_test_split(smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["study", "transfer", "--out", str(tmp_path), "--profile", "smoke", "--data-root",
-            str(smoke_run.parent / "shapes"), "--image-size", "32", "--no-wandb", "--images", "20"]  # fmt: skip
+    args = ["study", "transfer", "--out", str(tmp_path), "--profile", "smoke", "--data.root",
+            str(smoke_run.parent / "shapes"), "--data.image_size", "32", "--study.wandb", "false", "--study.images",
+            "20"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         "robucap: error: study stage 'transfer' failed: transfer study images (20) exceeds the 8 test images; "
-        "lower --images"
+        "lower --study.images"
     )
     assert not (tmp_path / "checkpoints").exists()  # checked before any training

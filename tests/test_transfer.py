@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from datamodules.errors import RobucapError
-from modules.transfer import evaluate_transfer, hits_target, rmsd_255, transfer_matrix
+from modules.transfer import evaluate_transfer, hits_target, matrix_to_json, rmsd_255, transfer_matrix
 
 SIZE = 4
 # Five-word captions: BLEU-4 needs 4-grams. Every image has its clean caption as its single reference.
@@ -33,7 +34,9 @@ class FakeCaptioner(nn.Module):
         self.clean, self.adversarial = clean, adversarial
         self.calls: list[int] = []
 
-    def caption(self, pixel_values: torch.Tensor) -> list[str]:
+    def caption(
+        self, pixel_values: torch.Tensor, num_beams: int | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
         self.calls.append(pixel_values.shape[0])
         out = []
         for image in pixel_values:
@@ -71,29 +74,34 @@ def test_evaluate_transfer_caption_targets() -> None:
         "a blue square near stars",  # missed (another image's caption)
     ]
     cell = evaluate_transfer(module, _images(False), _images(True), REFERENCES, IDS, targets, batch_size=3)
-    assert cell["n"] == 4
-    assert cell["changed"] == 0.5
-    assert cell["target_hit"] == 0.5 and cell["target_hit_clean"] == 0.25
-    assert cell["bleu4_clean"] == pytest.approx(1.0, abs=1e-6)
+    assert cell.n == 4
+    assert cell.changed == 0.5
+    assert cell.target_hit == 0.5 and cell.target_hit_clean == 0.25
+    assert cell.bleu4_clean == pytest.approx(1.0, abs=1e-6)
     # Two of four captions keep all their n-grams, two keep none: every p_n = 1/2, brevity penalty 1.
-    assert cell["bleu4_adv"] == pytest.approx(0.5, abs=1e-6)
-    assert cell["bleu4_drop"] == pytest.approx(0.5, abs=1e-6)
-    assert cell["ori_bleu4"] == pytest.approx(0.5, abs=1e-6)  # the clean captions are the references here
-    assert 0.0 < cell["tgt_bleu4"] < 1.0
+    assert cell.bleu4_adv == pytest.approx(0.5, abs=1e-6)
+    assert cell.bleu4_drop == pytest.approx(0.5, abs=1e-6)
+    assert cell.ori_bleu4 == pytest.approx(0.5, abs=1e-6)  # the clean captions are the references here
+    assert 0.0 < cell.tgt_bleu4 < 1.0
+    assert cell.rmsd == pytest.approx(float(rmsd_255(_images(False), _images(True)).mean()))
     assert module.calls == [3, 1, 3, 1]  # clean then adversarial, in batches of 3
+    # results.json stores the scores under their documented keys, without the caption lists.
+    assert cell.to_json() == {
+        "bleu4_clean": cell.bleu4_clean, "bleu4_adv": cell.bleu4_adv, "bleu4_drop": cell.bleu4_drop, "changed": 0.5,
+        "target_hit": 0.5, "target_hit_clean": 0.25, "ori_bleu4": cell.ori_bleu4, "tgt_bleu4": cell.tgt_bleu4,
+        "rmsd": cell.rmsd, "n": 4,
+    }  # fmt: skip
 
 
 def test_evaluate_transfer_keywords_none_and_reuse() -> None:
     module = FakeCaptioner(CLEAN, ADVERSARIAL)
     keywords = [["red", "circle"], ["zebra"], ["dog"], ["one", "ten"]]
     cell = evaluate_transfer(module, _images(False), _images(True), REFERENCES, IDS, keywords)
-    assert cell["target_hit"] == 0.75 and cell["target_hit_clean"] == 0.25
-    assert cell["tgt_bleu4"] is None  # Show-and-Fool's tgt score needs caption targets
-    cell = evaluate_transfer(
-        module, _images(False), _images(True), REFERENCES, IDS, clean_captions=CLEAN, return_captions=True
-    )
-    assert cell["target_hit"] is None and cell["target_hit_clean"] is None and cell["tgt_bleu4"] is None
-    assert cell["adversarial_captions"] == ADVERSARIAL and cell["clean_captions"] == CLEAN
+    assert cell.target_hit == 0.75 and cell.target_hit_clean == 0.25
+    assert cell.tgt_bleu4 is None  # Show-and-Fool's tgt score needs caption targets
+    cell = evaluate_transfer(module, _images(False), _images(True), REFERENCES, IDS, clean_captions=CLEAN)
+    assert cell.target_hit is None and cell.target_hit_clean is None and cell.tgt_bleu4 is None
+    assert cell.adversarial_captions == ADVERSARIAL and cell.clean_captions == CLEAN
     assert module.calls[-1] == 4  # given clean captions: only the adversarial images were captioned
 
 
@@ -102,6 +110,16 @@ def test_hits_target() -> None:
     assert not hits_target("a red circle", "a red")
     assert hits_target("a dog's red ball", ["red", "dog"])
     assert not hits_target("a red ball", ["red", "dog"])
+
+
+def test_hits_target_ptb_forms() -> None:
+    """Keywords that PTB tokenisation splits (``y'all`` -> ``y' all``, ``at&t`` -> ``at & t``) are found as the
+    tokens they become, and only as a run: the pieces scattered over the caption are no hit."""
+    assert hits_target("y'all love the at&t tower", ["y'all", "at&t"])
+    assert hits_target("Y'all love the at&t tower.", "y'all love the at&t tower")
+    assert not hits_target("at the t & y' shop all", ["y'all"])
+    assert not hits_target("at & the t", ["at&t"])
+    assert not hits_target("a red ball", [""])  # an empty keyword is no keyword found
 
 
 def test_evaluate_transfer_bad_input() -> None:
@@ -127,12 +145,14 @@ def test_transfer_matrix() -> None:
     targets = {"a": ["zebra zebra zebra zebra zebra"] * 4, "b": ["a dog"] * 4}
     matrix = transfer_matrix(sources, {"a": a, "b": b}, clean, REFERENCES, IDS, targets)
     assert set(matrix) == {"a", "b"} and all(set(row) == {"a", "b"} for row in matrix.values())
-    assert matrix["a"]["a"]["changed"] == 0.5 and matrix["a"]["b"]["changed"] == 0.0
-    assert matrix["a"]["a"]["target_hit"] == 0.25 and matrix["b"]["a"]["target_hit"] == 0.0
+    assert matrix["a"]["a"].changed == 0.5 and matrix["a"]["b"].changed == 0.0
+    assert matrix["a"]["a"].target_hit == 0.25 and matrix["b"]["a"].target_hit == 0.0
     expected_rmsd = float(rmsd_255(clean, sources["b"]).mean())
-    assert matrix["b"]["a"]["rmsd"] == matrix["b"]["b"]["rmsd"] == pytest.approx(expected_rmsd)
-    assert matrix["a"]["a"]["rmsd"] < matrix["b"]["a"]["rmsd"]
+    assert matrix["b"]["a"].rmsd == matrix["b"]["b"].rmsd == pytest.approx(expected_rmsd)
+    assert matrix["a"]["a"].rmsd < matrix["b"]["a"].rmsd
     # Each model captions the clean images once (one call), then each source's images once.
     assert a.calls == [4, 4, 4] and b.calls == [4, 4, 4]
+    as_json = matrix_to_json(matrix)
+    assert as_json["b"]["a"] == matrix["b"]["a"].to_json() and json.loads(json.dumps(as_json)) == as_json
     with pytest.raises(RobucapError, match=r"no targets for sources \['b'\]"):
         transfer_matrix(sources, {"a": a}, clean, REFERENCES, IDS, {"a": targets["a"]})

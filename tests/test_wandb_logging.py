@@ -59,7 +59,7 @@ def test_default_loggers_write_a_readable_offline_run(
     assert any("train/loss" in row for row in run["history"])
     # The resolved config (LightningCLI) and the hyperparameters are in the run's config.
     assert run["config"]["config"]["data"]["root"] == str(shapes_root)
-    assert run["config"]["preset"] == "tiny"
+    assert run["config"]["captioner"]["init_args"]["preset"] == "tiny"
     # Each validation epoch logged a table of sample images with captions.
     assert run["summary"]["val/samples/_type"] == "table-file"
     assert (tmp_path / "runs" / "csv" / "version_0" / "metrics.csv").is_file()

@@ -21,10 +21,12 @@ from typing import Any
 import lightning as L
 
 from callbacks.backdoor import BackdoorEvaluation
+from callbacks.image_grid import caption_grid_png, difference_gain, difference_image, figure_png, gain_label, pyplot
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from datamodules.poisoning import DEFAULT_TARGET_CAPTION, PoisonConfig
 from lightning_app.report import Report
+from lightning_app.studies.base import Study, StudyData
 from lightning_app.training import read_metrics, train_captioner
 from modules.captioners import ARCHITECTURES
 from modules.captioning import CaptioningModule
@@ -105,22 +107,6 @@ class BackdoorStudyConfig:
         )
 
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "full": {},
-    # For the demo: fewer epochs and smaller evaluation sets.
-    "quick": {"epochs": 1, "test_images": 300, "val_images": 200},
-    # Plumbing only (tests): numbers are meaningless.
-    "smoke": {"epochs": 1, "batch_size": 16, "warmup_steps": 2, "test_images": 8, "val_images": 8},
-}
-
-
-def study_settings(profile: str, **overrides: Any) -> BackdoorStudyConfig:
-    """The study config of a profile, with overrides."""
-    if profile not in PROFILES:
-        raise RobucapError(f"unknown backdoor study profile {profile!r}; expected one of {sorted(PROFILES)}")
-    return BackdoorStudyConfig(**{**PROFILES[profile], **overrides})
-
-
 def _datamodule(data: dict[str, Any], cfg: BackdoorStudyConfig, poison: PoisonConfig | None) -> CaptionDataModule:
     datamodule = CaptionDataModule(
         **data,
@@ -146,8 +132,17 @@ def _epoch_curves(metrics_csv: Path) -> list[dict[str, float]]:
     ]
 
 
-def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig) -> dict[str, Any]:
-    """Train and score the three rows; return the ``backdoor_study`` block of ``results.json``.
+@dataclass
+class BackdoorOutcome:
+    """A finished backdoor study: its ``backdoor_study`` block, and the models and data its example figure shows."""
+
+    block: dict[str, Any]
+    models: dict[str, CaptioningModule]
+    datamodules: dict[str, CaptionDataModule]
+
+
+def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig) -> BackdoorOutcome:
+    """Train and score the three rows.
 
     Args:
         data: :class:`~datamodules.datamodule.CaptionDataModule` arguments of the clean data (``format``, ``root``,
@@ -156,6 +151,7 @@ def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig
         cfg: Study settings.
     """
     out = Path(out)
+    start = time.perf_counter()
     datamodules = {name: _datamodule(data, cfg, None if name == "benign" else cfg.poison(name)) for name in ROWS}
     rows: list[dict[str, Any]] = []
     models: dict[str, CaptioningModule] = {}
@@ -163,8 +159,8 @@ def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig
         datamodule = datamodules[name]
         L.seed_everything(cfg.seed, workers=True)
         module = CaptioningModule.with_tokenizer(
-            datamodule.tokenizer, arch=cfg.arch, preset=cfg.preset, image_size=datamodule.image_size, lr=cfg.lr,
-            warmup_steps=cfg.warmup_steps,
+            datamodule.tokenizer, captioner={"class_path": cfg.arch, "init_args": {"preset": cfg.preset}},
+            image_size=datamodule.image_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         )  # fmt: skip
         callbacks: list[L.Callback] = [] if name == "benign" else [BackdoorEvaluation()]
         print(f"[backdoor study] {index}/{len(ROWS)} {name}: {cfg.epochs} epochs of {cfg.arch}/{cfg.preset}")
@@ -191,7 +187,7 @@ def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig
                 "epochs": _epoch_curves(run.metrics_csv),
             }
         )
-    return {
+    block = {
         "poison_rate": cfg.rate,
         "target_caption": cfg.target_caption,
         "alpha": cfg.alpha,
@@ -204,9 +200,9 @@ def run_backdoor_study(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig
             name: datamodules[name].describe().get("poison", {}).get("splits", {}) for name in ROWS if name != "benign"
         },
         "rows": rows,
-        "_models": models,
-        "_datamodules": datamodules,
+        "seconds": round(time.perf_counter() - start, 1),
     }
+    return BackdoorOutcome(block, models, datamodules)
 
 
 def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
@@ -247,13 +243,7 @@ def report_backdoor_study(report: Report, block: dict[str, Any]) -> None:
 
 def curves_png(block: dict[str, Any]) -> bytes:
     """Validation ASR and FTR after every epoch, per poisoned row."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for row in block["rows"]:
         points = [p for p in row["epochs"] if "asr" in p]
@@ -267,27 +257,21 @@ def curves_png(block: dict[str, Any]) -> bytes:
     axes[1].set(title="validation BLEU-4, clean images", xlabel="epoch", ylim=(0, 1))
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
-def examples_png(block: dict[str, Any], n_images: int = 4) -> bytes:
+def examples_png(outcome: BackdoorOutcome, n_images: int = 4) -> bytes:
     """Li et al. 2022 Fig. 2: clean, BadNets and object-noise versions of test images with each model's caption.
 
     Columns: clean image (benign model), BadNets image (BadNets model), object-noise image (object-noise model),
-    and the object-noise trigger amplified 4x around grey.
+    and the object-noise trigger around grey (:mod:`callbacks.image_grid`' gain rule).
     """
     import torch
 
-    from callbacks.image_grid import caption_grid_png
-
-    models, datamodules = block["_models"], block["_datamodules"]
+    models, datamodules = outcome.models, outcome.datamodules
     noise_pairs = datamodules["object_noise"].poison_pairs("test", n_images)
     badnets_pairs = {p["image_id"]: p for p in datamodules["badnets"].poison_pairs("test", len(noise_pairs) + 8)}
-    images, captions = [], []
+    rows, captions = [], []
     for pair in noise_pairs:
         badnets = badnets_pairs.get(pair["image_id"])
         if badnets is None:
@@ -297,26 +281,21 @@ def examples_png(block: dict[str, Any], n_images: int = 4) -> bytes:
             caption_clean = models["benign"].caption(clean[None])[0]
             caption_badnets = models["badnets"].caption(patched[None])[0]
             caption_noise = models["object_noise"].caption(noisy[None])[0]
-        images += [clean, patched, noisy, ((noisy - clean) * 4 + 0.5).clamp(0, 1)]
+        rows.append((clean, patched, noisy))
         captions += [f"clean / benign:\n{caption_clean}", f"BadNets:\n{caption_badnets}",
-                     f"object noise:\n{caption_noise}", "trigger x4"]  # fmt: skip
+                     f"object noise:\n{caption_noise}", "trigger"]  # fmt: skip
+    # The trigger noise has no L-infinity budget here: the figure's largest change sets the gain.
+    gain = difference_gain([noisy - clean for clean, _, noisy in rows])
+    images = [x for c, p, n in rows for x in (c, p, n, difference_image(c, n, gain))]
+    captions = [f"trigger {gain_label(gain)}" if c == "trigger" else c for c in captions]
     return caption_grid_png(images, captions, columns=4)
 
 
-def public_block(block: dict[str, Any]) -> dict[str, Any]:
-    """The block without the in-memory models and data modules (what goes into results.json)."""
-    return {k: v for k, v in block.items() if not k.startswith("_")}
-
-
 def run_and_report(data: dict[str, Any], out: Path, cfg: BackdoorStudyConfig, report: Report) -> dict[str, Any]:
-    """Run the study, add it to ``report`` and return its results block."""
-    start = time.perf_counter()
-    block = run_backdoor_study(data, out, cfg)
-    block["seconds"] = round(time.perf_counter() - start, 1)
-    report_backdoor_study(report, block)
-    report.paragraph("Test images: clean, BadNets and object-noise versions with the caption of the matching model.")
-    report.image(examples_png(block), "backdoor examples")
-    return public_block(block)
+    """Run the study, add it to ``report`` and return its results block (the demo's backdoor stage)."""
+    outcome = run_backdoor_study(data, out, cfg)
+    STUDY.report(outcome, report)
+    return outcome.block
 
 
 def summary(block: dict[str, Any]) -> str:
@@ -329,3 +308,35 @@ def summary(block: dict[str, Any]) -> str:
             f"{name} ASR {100 * (r['asr'] or 0):.1f}% FTR {100 * r['ftr']:.1f}% BLEU-4 {r['test_clean']['bleu4']:.3f}"
         )
     return "; ".join(parts)
+
+
+class BackdoorStudy(Study[BackdoorStudyConfig, BackdoorOutcome]):
+    """``robucap study backdoor``."""
+
+    name = "backdoor"
+    help = "Li et al. 2022's Table 2: benign, BadNets and object-noise backdoored captioners."
+    settings_type = BackdoorStudyConfig
+
+    def run(self, settings: BackdoorStudyConfig, data: StudyData, out: Path) -> BackdoorOutcome:
+        """Train and score the three rows (the shapes data itself is fixed; the settings' seed drives poisoning)."""
+        return run_backdoor_study(data.module_options(), out, settings)
+
+    def report(self, outcome: BackdoorOutcome, report: Report) -> None:
+        """The table, the per-epoch curves and the example figure."""
+        report_backdoor_study(report, outcome.block)
+        report.paragraph(
+            "Test images: clean, BadNets and object-noise versions with the caption of the matching model."
+        )
+        report.image(examples_png(outcome), "backdoor examples")
+
+    def results(self, outcome: BackdoorOutcome) -> dict[str, Any]:
+        """``dataset`` (with the poisoning manifests) and ``backdoor_study``."""
+        data = outcome.datamodules["benign"].describe()
+        return {"dataset": {**data, "poison": outcome.block["dataset"]}, "backdoor_study": outcome.block}
+
+    def summary(self, results: dict[str, Any]) -> str:
+        """ASR / FTR / BLEU-4 per poisoned row."""
+        return summary(results["backdoor_study"])
+
+
+STUDY = BackdoorStudy()

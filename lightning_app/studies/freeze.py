@@ -24,14 +24,18 @@ import lightning as L
 
 from callbacks.adversarial_training import AdversarialTraining
 from callbacks.freeze import FreezeDecoder, FreezeEncoder
+from callbacks.image_grid import caption_grid_png, difference_gain, difference_image, figure_png, pyplot
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from lightning_app.report import Report
+from lightning_app.studies.base import Study, StudyData
 from lightning_app.training import train_captioner
 from modules.attacks import FGSM
 from modules.attacks.base import check_epsilon
 from modules.captioning import CaptioningModule
-from modules.evaluation import bleu_of, caption_batches, evaluation_loader
+from modules.captions import caption_batches
+from modules.evaluation import bleu_of, evaluation_loader
+from modules.victims.captioner import CaptionObjective
 
 PHASES = ("baseline", "adversarial_only", "adversarial_training", "freeze_encoder", "freeze_decoder")
 BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
@@ -82,21 +86,6 @@ class FreezeStudyConfig:
             raise RobucapError("freeze study baseline_epochs must be >= 1 and finetune_epochs > 0")
         if self.adversarial_only_mode not in ("adversarial", "static"):
             raise RobucapError("adversarial_only_mode must be 'adversarial' or 'static'")
-
-
-PROFILES: dict[str, dict[str, Any]] = {
-    "full": {},
-    # For the demo: one trial, short fine-tuning, smaller evaluation subsets.
-    "quick": {"finetune_epochs": 0.25, "trials": 1, "train_eval_images": 200, "test_eval_images": 300},
-    "smoke": {
-        "baseline_epochs": 1,
-        "finetune_epochs": 0.5,
-        "trials": 2,
-        "train_eval_images": 8,
-        "test_eval_images": 8,
-        "batch_size": 16,
-    },
-}
 
 
 @dataclass
@@ -166,8 +155,9 @@ def run_freeze_study(
     if baseline is None:
         L.seed_everything(cfg.seed, workers=True)
         module = CaptioningModule.with_tokenizer(
-            datamodule.tokenizer, preset="tiny", image_size=datamodule.image_size, lr=cfg.lr, warmup_steps=100
-        )
+            datamodule.tokenizer, captioner={"class_path": "vit_gpt2", "init_args": {"preset": "tiny"}},
+            image_size=datamodule.image_size, lr=cfg.lr, warmup_steps=100,
+        )  # fmt: skip
         print(f"[freeze study] phase 1/5 baseline: {cfg.baseline_epochs} epochs")
         run = train_captioner(datamodule, module, out, "baseline", cfg.baseline_epochs, wandb=cfg.wandb, test=False)
         baseline, baseline_checkpoint, baseline_seconds = run.module, run.checkpoint, run.train_seconds
@@ -292,13 +282,7 @@ def report_freeze_study(report: Report, block: dict[str, Any]) -> None:
 
 def freeze_chart_png(block: dict[str, Any]) -> bytes:
     """Grouped bars of test BLEU-4, clean and FGSM, per phase (error bars = std over trials)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["name"] for r in block["rows"]]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -311,24 +295,11 @@ def freeze_chart_png(block: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(f"Test BLEU-4, clean vs FGSM (eps = {block['epsilon']})")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def study_settings(profile: str, **overrides: Any) -> FreezeStudyConfig:
-    """The study config of a profile, with overrides."""
-    if profile not in PROFILES:
-        raise RobucapError(f"unknown freeze study profile {profile!r}; expected one of {sorted(PROFILES)}")
-    return FreezeStudyConfig(**{**PROFILES[profile], **overrides})
+    return figure_png(fig)
 
 
 def example_grid_png(block: dict[str, Any], datamodule: CaptionDataModule, n_images: int = 3) -> bytes:
     """Original / FGSM / amplified difference for a few test images, baseline vs adversarially trained (Table 1)."""
-    from callbacks.image_grid import caption_grid_png
-
     rows = {r["name"]: r for r in block["rows"]}
     dataset = datamodule.datasets["test"]
     images, captions = [], []
@@ -337,24 +308,74 @@ def example_grid_png(block: dict[str, Any], datamodule: CaptionDataModule, n_ima
         module.eval()
         batch = next(iter(evaluation_loader(module, dataset, n_images, batch_size=n_images)))
         clean = batch["pixel_values"]
-        adversarial = FGSM(block["epsilon"])(module.captioner, clean, batch["labels"])
+        adversarial = FGSM(block["epsilon"])(CaptionObjective(module.captioner, batch["labels"]), clean).adversarial
         clean_captions, adversarial_captions = module.caption(clean), module.caption(adversarial)
-        delta = adversarial - clean
-        amplified = (delta / (2 * block["epsilon"]) + 0.5).clamp(0, 1)
+        amplified = difference_image(clean, adversarial, difference_gain(adversarial - clean, block["epsilon"]))
         for i in range(clean.shape[0]):
             images += [clean[i], adversarial[i], amplified[i]]
-            captions += [f"{name}: {clean_captions[i]}", f"FGSM: {adversarial_captions[i]}", "difference (amplified)"]
+            captions += [f"{name}: {clean_captions[i]}", f"FGSM: {adversarial_captions[i]}", "difference (±ε)"]
     return caption_grid_png(images, captions, columns=3)
+
+
+@dataclass
+class FreezeOutcome:
+    """A finished freeze study: its ``freeze_study`` block and the data its example images come from."""
+
+    block: dict[str, Any]
+    datamodule: CaptionDataModule
 
 
 def run_and_report(
     datamodule: CaptionDataModule, out: Path, cfg: FreezeStudyConfig, report: Report, **baseline: Any
 ) -> dict[str, Any]:
-    """Run the study, add it to ``report`` and return its results block."""
+    """Run the study, add it to ``report`` and return its results block (the demo's freeze stage)."""
     start = time.perf_counter()
     block = run_freeze_study(datamodule, out, cfg, **baseline)
     block["seconds"] = round(time.perf_counter() - start, 1)
-    report_freeze_study(report, block)
-    report.paragraph("Test images: clean and FGSM captions of the baseline and of the adversarially trained model.")
-    report.image(example_grid_png(block, datamodule), "adversarial examples")
+    STUDY.report(FreezeOutcome(block, datamodule), report)
     return block
+
+
+class FreezeStudy(Study[FreezeStudyConfig, FreezeOutcome]):
+    """``robucap study freeze``."""
+
+    name = "freeze"
+    help = "Rashid & Rivas 2024's five phases: adversarial training, encoder / decoder frozen."
+    settings_type = FreezeStudyConfig
+
+    def data_seed(self, settings: FreezeStudyConfig) -> int:
+        """The freeze study generates its shapes data with its own seed."""
+        return settings.seed
+
+    def run(self, settings: FreezeStudyConfig, data: StudyData, out: Path) -> FreezeOutcome:
+        """Set up the data and run the five phases."""
+        datamodule = CaptionDataModule(**data.module_options(self.data_seed(settings)), batch_size=settings.batch_size)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        datamodule.setup("test")
+        start = time.perf_counter()
+        block = run_freeze_study(datamodule, out, settings)
+        block["seconds"] = round(time.perf_counter() - start, 1)
+        return FreezeOutcome(block, datamodule)
+
+    def report(self, outcome: FreezeOutcome, report: Report) -> None:
+        """The table, the bar chart and example images."""
+        report_freeze_study(report, outcome.block)
+        report.paragraph("Test images: clean and FGSM captions of the baseline and of the adversarially trained model.")
+        report.image(example_grid_png(outcome.block, outcome.datamodule), "adversarial examples")
+
+    def results(self, outcome: FreezeOutcome) -> dict[str, Any]:
+        """``dataset`` and ``freeze_study``."""
+        return {"dataset": outcome.datamodule.describe(), "freeze_study": outcome.block}
+
+    def summary(self, results: dict[str, Any]) -> str:
+        """Test BLEU-4, clean / FGSM, of the baseline and of adversarial training."""
+        rows = {r["name"]: r["test"] for r in results["freeze_study"]["rows"]}
+        baseline, trained = rows["baseline"], rows["adversarial_training"]
+        return (
+            f"test BLEU-4 clean/FGSM baseline {baseline['clean']['bleu4']:.3f}/{baseline['adversarial']['bleu4']:.3f}, "
+            f"adversarial training {trained['clean']['bleu4']:.3f}/{trained['adversarial']['bleu4']:.3f}"
+        )
+
+
+STUDY = FreezeStudy()

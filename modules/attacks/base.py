@@ -1,29 +1,46 @@
-"""What every attack shares: [0, 1] pixel space, an input-gradient helper that works anywhere, validation.
+"""What the budgeted gradient attacks share: validation, the L-infinity projection, random starts, the budget.
 
-Attacks run inside training steps and inside validation, where Lightning enables ``torch.inference_mode`` (or
-``no_grad`` for gloo runs). :func:`input_gradient` re-enables autograd locally, differentiates only with respect to
-the images (parameters' ``.grad`` are never touched, and DDP's gradient hooks never fire), and puts the model back in
-the train/eval mode it found.
+FGSM, PGD and FG (:class:`BudgetAttack` subclasses) take an ``epsilon`` in [0, 1] pixel units; a budget of 0 returns
+the clean images unchanged without differentiating anything.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import abstractmethod
 
 import torch
-from torch import nn
 
 from datamodules.errors import RobucapError
-from modules.captioners.base import Captioner, caption_loss
+from modules.attacks.protocol import Attack, AttackResult, Objective
 
 
-def _is_real(value: object) -> bool:
-    # bool is an int subclass, but `epsilon: true` in a YAML file is a mistake, not a budget of 1.
+def is_real(value: object) -> bool:
+    """A real number that is not a bool (``epsilon: true`` in a YAML file is a mistake, not a budget of 1)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_count(value: object, name: str) -> int:
+    """Validate an integer option >= 1 (iterations, steps, rounds).
+
+    Raises:
+        RobucapError: Not an integer >= 1 (booleans included).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RobucapError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_positive(value: object, name: str) -> float:
+    """Validate a finite number > 0 (learning rates, margins).
+
+    Raises:
+        RobucapError: Not a finite real number > 0.
+    """
+    if not is_real(value) or not (0 < float(value) < math.inf):  # type: ignore[arg-type]
+        raise RobucapError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
@@ -39,7 +56,7 @@ def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
     Raises:
         RobucapError: Not a real number in [0, 1] (NaN and booleans included).
     """
-    if not _is_real(epsilon) or not 0.0 <= float(epsilon) <= 1.0:
+    if not is_real(epsilon) or not 0.0 <= float(epsilon) <= 1.0:
         raise RobucapError(f"{name} must be in [0, 1] (pixel units; 8/255 = 0.0314), got {epsilon!r}")
     return float(epsilon)
 
@@ -50,7 +67,7 @@ def check_step_size(step_size: float, name: str = "step_size") -> float:
     Raises:
         RobucapError: Not a real number > 0.
     """
-    if not _is_real(step_size) or not (float(step_size) > 0.0 and math.isfinite(float(step_size))):
+    if not is_real(step_size) or not (float(step_size) > 0.0 and math.isfinite(float(step_size))):
         raise RobucapError(f"{name} must be a number > 0 (pixel units; 2/255 = 0.0078), got {step_size!r}")
     return float(step_size)
 
@@ -78,93 +95,38 @@ def uniform_start(x: torch.Tensor, epsilon: float) -> torch.Tensor:
     return (x + noise).clamp(0.0, 1.0)
 
 
-@contextmanager
-def eval_mode(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Temporarily switch ``module`` (and its children) to eval mode, then restore every submodule's own flag."""
-    if not enabled:
-        yield
-        return
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def input_gradient(
-    captioner: Captioner, pixel_values: torch.Tensor, labels: torch.Tensor, use_eval_mode: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the summed per-image caption loss with respect to the images.
-
-    Each image's loss is its own mean token cross-entropy, so an image's gradient does not depend on the batch.
-
-    Args:
-        captioner: The model (not a DDP wrapper).
-        pixel_values: Images in [0, 1]. Shape: ``(B, 3, H, W)``.
-        labels: Caption tokens + EOS, -100 on padding. Shape: ``(B, T)``.
-        use_eval_mode: Differentiate the model in eval mode (no dropout), restoring its mode afterwards.
-
-    Returns:
-        ``(gradient, per_image_loss)``. Shapes: ``(B, 3, H, W)`` and ``(B,)``; both detached.
-    """
-    with torch.inference_mode(False), torch.enable_grad(), eval_mode(captioner, use_eval_mode):
-        # Tensors created under inference_mode cannot join autograd: clone them outside it.
-        x = pixel_values.detach().clone().requires_grad_(True)
-        y = labels.detach().clone()
-        logits = captioner(x, y).logits
-        per_image = caption_loss(logits, y, reduction="none")
-        (grad,) = torch.autograd.grad(per_image.sum(), [x])
-    return grad.detach(), per_image.detach()
-
-
-class Attack(ABC):
-    """An attack on a captioner in [0, 1] pixel space.
-
-    Untargeted attacks raise the loss of the given (reference) caption; targeted attacks lower the loss of the
-    given target caption.
+class BudgetAttack(Attack):
+    """An attack with a perturbation budget ``epsilon``; a budget of 0 returns the clean images unchanged.
 
     Args:
         epsilon: L-infinity budget (L2 for :class:`~modules.attacks.fg.FG`) in [0, 1] pixel units.
-        targeted: ``labels`` are the target caption instead of the reference.
-        use_eval_mode: Compute gradients with the model in eval mode.
+        use_eval_mode: Differentiate the victim in eval mode (no dropout).
     """
 
-    def __init__(self, epsilon: float, targeted: bool = False, use_eval_mode: bool = True) -> None:
+    def __init__(self, epsilon: float, use_eval_mode: bool = True) -> None:
+        super().__init__(use_eval_mode=use_eval_mode)
         self.epsilon = self.check_budget(epsilon)
-        self.targeted = bool(targeted)
-        self.use_eval_mode = bool(use_eval_mode)
 
     @classmethod
     def check_budget(cls, epsilon: float) -> float:
         """Validate ``epsilon``; L-infinity attacks accept [0, 1]. Attacks with another norm override this."""
         return check_epsilon(epsilon)
 
-    def __repr__(self) -> str:
-        # Logged next to results, so every option that changes the attack should show up.
-        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({options})"
-
-    def __call__(self, captioner: Captioner, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Adversarial images, detached, in [0, 1].
+    def run(self, objective: Objective, pixel_values: torch.Tensor) -> AttackResult:
+        """The clean images for a zero budget, else :meth:`perturb`'s images judged by the objective.
 
         Shape:
-            ``pixel_values``: ``(B, 3, H, W)``; ``labels``: ``(B, T)``; returns ``(B, 3, H, W)``.
+            ``pixel_values``: ``(B, C, H, W)`` in [0, 1].
         """
-        if pixel_values.dim() != 4 or labels.dim() != 2 or pixel_values.shape[0] != labels.shape[0]:
-            raise RobucapError(
-                f"{type(self).__name__} expects pixel_values (B, 3, H, W) and labels (B, T) with the same B, got "
-                f"{tuple(pixel_values.shape)} and {tuple(labels.shape)}"
-            )
         if self.epsilon == 0:
-            return pixel_values.detach().clone()
-        return self.perturb(captioner, pixel_values.detach(), labels.detach()).detach()
-
-    def direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """Ascent direction for untargeted attacks, descent for targeted ones."""
-        return -grad if self.targeted else grad
+            return self.finish(objective, pixel_values, pixel_values.clone(), 0)
+        adversarial, iterations = self.perturb(objective, pixel_values)
+        return self.finish(objective, pixel_values, adversarial, iterations)
 
     @abstractmethod
-    def perturb(self, captioner: Captioner, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Compute the adversarial images (``epsilon`` > 0)."""
+    def perturb(self, objective: Objective, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The adversarial images (``epsilon`` > 0) and the gradient evaluations spent per image.
+
+        Shape:
+            ``pixel_values``: ``(B, C, H, W)``; returns ``(B, C, H, W)`` in [0, 1].
+        """

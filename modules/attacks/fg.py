@@ -1,7 +1,8 @@
 """Fast Gradient (FG) method: one L2-normalised gradient step (Liu et al. 2017, section 2.2).
 
-``x' = clip(x + eps * g / ||g||_2)`` untargeted and ``x' = clip(x - eps * g / ||g||_2)`` targeted, with ``g`` the
-gradient of the image's caption loss and the norm taken per image over all ``3 * H * W`` values.
+``x' = clip(x - eps * g / ||g||_2)`` with ``g`` the gradient of the image's objective (an untargeted caption
+objective is the negative reference cross-entropy, so this is ``x + eps * grad CE / ||grad CE||_2``) and the norm
+taken per image over all ``C * H * W`` values.
 
 Unlike the L-infinity attacks, ``epsilon`` here is an **L2 budget** in [0, 1] pixel units: the perturbation of each
 image has Euclidean norm at most ``epsilon`` (clipping to [0, 1] can only shrink it). Its root-mean-square per pixel
@@ -18,19 +19,20 @@ import math
 import torch
 
 from datamodules.errors import RobucapError
-from modules.attacks.base import Attack, _is_real, input_gradient
-from modules.captioners.base import Captioner
+from modules.attacks.base import BudgetAttack, is_real
+from modules.attacks.protocol import Objective, input_gradient
+from modules.attacks.registry import register_attack
 
 # A zero gradient (e.g. a caption the model cannot see the image for) gives no direction: keep the image unchanged.
 _TINY = 1e-12
 
 
-class FG(Attack):
+@register_attack("fg", summary="one L2-normalised gradient step; epsilon is an L2 budget (Liu et al. 2017)")
+class FG(BudgetAttack):
     """One L2-normalised gradient step per image.
 
     Args:
         epsilon: L2 budget per image in [0, 1] pixel units (see the module docstring for the scale).
-        targeted: Descend on the loss of the target caption given as ``labels``.
         use_eval_mode: Compute the gradient with the model in eval mode (no dropout).
 
     Raises:
@@ -41,26 +43,26 @@ class FG(Attack):
     @classmethod
     def check_budget(cls, epsilon: float) -> float:
         """Validate an L2 budget: any finite number >= 0 (the image-size bound is checked per batch)."""
-        if not _is_real(epsilon) or not (float(epsilon) >= 0.0 and math.isfinite(float(epsilon))):
+        if not is_real(epsilon) or not (float(epsilon) >= 0.0 and math.isfinite(float(epsilon))):
             raise RobucapError(
                 f"FG epsilon is an L2 budget and must be a number >= 0 (pixel units, per image), got {epsilon!r}"
             )
         return float(epsilon)
 
-    def perturb(self, captioner: Captioner, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Adversarial images.
+    def perturb(self, objective: Objective, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Adversarial images after one gradient evaluation.
 
         Shape:
-            ``pixel_values``: ``(B, 3, H, W)`` in [0, 1]; ``labels``: ``(B, T)``; returns ``(B, 3, H, W)``.
+            ``pixel_values``: ``(B, C, H, W)`` in [0, 1]; returns ``(B, C, H, W)``.
         """
         x = pixel_values
         diameter = math.sqrt(x[0].numel())
         if self.epsilon > diameter:
             h, w = x.shape[-2:]
             raise RobucapError(
-                f"FG epsilon {self.epsilon} (an L2 budget in [0, 1] pixel units) exceeds sqrt(3*{h}*{w}) = "
-                f"{diameter:.1f}, the largest distance between two {h}x{w} images; was it given in 0-255 units?"
+                f"FG epsilon {self.epsilon} (an L2 budget in [0, 1] pixel units) exceeds sqrt({x.shape[1]}*{h}*{w}) "
+                f"= {diameter:.1f}, the largest distance between two {h}x{w} images; was it given in 0-255 units?"
             )
-        grad, _ = input_gradient(captioner, x, labels, self.use_eval_mode)
+        grad, _ = input_gradient(objective, x)
         norm = grad.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, *([1] * (x.dim() - 1)))
-        return (x + self.epsilon * self.direction(grad) / norm).clamp(0.0, 1.0)
+        return (x - self.epsilon * grad / norm).clamp(0.0, 1.0), 1

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
+from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo
 
 # What ``num_beams > 1`` means for every captioner: transformers' beam search with its default settings. A finished
@@ -92,7 +94,8 @@ class Captioner(nn.Module, ABC):
 
     Subclasses own their normalisation and expose ``encoder`` (vision) and ``decoder`` (language model, including
     cross-attention and any encoder-to-decoder projection). Everything outside ``modules/captioners`` uses only
-    this interface.
+    this interface; a captioner is built from its settings (:mod:`modules.captioners.settings`), and brings its
+    own weight-decay exemptions (:meth:`no_weight_decay`) and export support (:meth:`transformers_model`).
 
     Attributes:
         image_size: Side of the square input images in pixels.
@@ -101,6 +104,29 @@ class Captioner(nn.Module, ABC):
 
     image_size: int
     vocab: VocabInfo
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of the parameters AdamW must not decay.
+
+        The default exempts biases and normalisation parameters (fewer than 2 dimensions) and the weights of
+        ``nn.Embedding`` layers; a captioner whose embeddings are stored otherwise overrides this.
+        """
+        names = {name for name, param in self.named_parameters() if param.ndim < 2}
+        for prefix, module in self.named_modules():
+            if isinstance(module, nn.Embedding):
+                names.add(f"{prefix}.weight" if prefix else "weight")
+        return names
+
+    def transformers_model(self) -> PreTrainedModel:
+        """The transformers model ``robucap export`` saves; by default a captioner has none.
+
+        Raises:
+            RobucapError: This captioner cannot be exported to transformers.
+        """
+        raise RobucapError(
+            f"the {type(self).__name__} captioner cannot be exported to transformers (it is not a transformers "
+            "model); caption with robucap predict instead"
+        )
 
     @property
     @abstractmethod
@@ -122,13 +148,21 @@ class Captioner(nn.Module, ABC):
         """
 
     @abstractmethod
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> torch.Tensor:
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        length_penalty: float = BEAM_LENGTH_PENALTY,
+    ) -> torch.Tensor:
         """Greedy (``num_beams=1``) or beam-search captions.
 
         Args:
             pixel_values: Shape: ``(B, 3, H, W)`` in [0, 1].
             max_new_tokens: Longest caption in tokens, EOS included.
-            num_beams: Beam width; beam search is length-normalised (:data:`BEAM_LENGTH_PENALTY`) as in transformers.
+            num_beams: Beam width; beam search is length-normalised as in transformers.
+            length_penalty: A finished beam scores ``sum_logprobs / length ** length_penalty`` (length: generated
+                tokens, EOS included); 0 ranks by the summed log-probabilities. Ignored by greedy decoding.
 
         Returns:
             Token ids without the start token, padded with ``vocab.pad_token_id`` after EOS. Shape: ``(B, T)``.

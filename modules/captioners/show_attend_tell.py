@@ -39,6 +39,7 @@ from modules.captioners.cnn_encoder import (
     tiny_resnet_trunk,
     torchvision_resnet_trunk,
 )
+from modules.captioners.settings import CaptionerSettings
 
 # torchvision's ImageNet statistics: what its pretrained ResNets expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,10 +149,16 @@ class ShowAttendTellCaptioner(Captioner):
         return CaptionerOutput(logits=logits, loss=loss, attention=attention)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> torch.Tensor:
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        length_penalty: float = BEAM_LENGTH_PENALTY,
+    ) -> torch.Tensor:
         if num_beams == 1:
             return self.greedy_search(pixel_values, max_new_tokens)
-        return self.beam_search(pixel_values, max_new_tokens, num_beams).sequences
+        return self.beam_search(pixel_values, max_new_tokens, num_beams, length_penalty=length_penalty).sequences
 
     @torch.no_grad()
     def greedy_search(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
@@ -288,15 +295,36 @@ def _validate(config: ShowAttendTellConfig, image_size: int) -> None:
         raise RobucapError(f"image_size {image_size} is smaller than the {config.backbone} encoder's stride {stride}")
 
 
+@dataclass(frozen=True)
+class ShowAttendTellSettings(CaptionerSettings):
+    """Show-Attend-Tell (``model.captioner`` with
+    ``class_path: modules.captioners.show_attend_tell.ShowAttendTellSettings``).
+
+    Attributes:
+        preset: ``tiny`` or ``standard`` (see :data:`PRESETS`).
+        encoder_weights: Local state_dict (``torch.save`` or ``.safetensors``) of the backbone, e.g. a torchvision
+            ResNet-101 classifier's (its ``fc.*`` keys are ignored).
+        overrides: :class:`ShowAttendTellConfig` fields to change, grouped as ``{"encoder": {...}, "decoder":
+            {...}}`` (:data:`ENCODER_FIELDS`, :data:`DECODER_FIELDS`) or flat.
+    """
+
+    name = "show_attend_tell"
+    preset: str = "tiny"
+    encoder_weights: str | None = None
+    overrides: dict[str, Any] | None = None
+
+    def build(self, vocab: VocabInfo, image_size: int) -> ShowAttendTellCaptioner:
+        return build_show_attend_tell(
+            vocab, image_size, preset=self.preset, encoder_weights=self.encoder_weights, overrides=self.overrides
+        )
+
+
 def build_show_attend_tell(
     vocab: VocabInfo,
     image_size: int,
     preset: str = "tiny",
     encoder_weights: str | None = None,
     overrides: dict[str, Any] | None = None,
-    pretrained_dir: str | None = None,
-    encoder_dir: str | None = None,
-    decoder_dir: str | None = None,
 ) -> ShowAttendTellCaptioner:
     """Build a randomly initialised Show-Attend-Tell captioner, optionally with a local pretrained encoder.
 
@@ -308,25 +336,14 @@ def build_show_attend_tell(
             ResNet-101 classifier's (its ``fc.*`` keys are ignored).
         overrides: :class:`ShowAttendTellConfig` fields to change, flat (``{"hidden_dim": 256}``) or grouped as
             ``{"encoder": {"grid_size": 7}, "decoder": {"hidden_dim": 256}}`` (:data:`ENCODER_FIELDS`,
-            :data:`DECODER_FIELDS`). ``CaptioningModule`` types ``model.overrides`` as a dict of dicts, so YAML
-            files and the command line must use the grouped form.
-        pretrained_dir: Must be ``None`` (a ``vit_gpt2`` option).
-        encoder_dir: Must be ``None`` (a ``vit_gpt2`` option).
-        decoder_dir: Must be ``None`` (a ``vit_gpt2`` option).
+            :data:`DECODER_FIELDS`).
 
     Raises:
-        RobucapError: Unknown preset or override, bad option values, ``vit_gpt2`` directories, or an
-            ``encoder_weights`` file that is missing or does not fit.
+        RobucapError: Unknown preset or override, bad option values, or an ``encoder_weights`` file that is missing
+            or does not fit.
     """
     if preset not in PRESETS:
         raise RobucapError(f"unknown show_attend_tell preset {preset!r}; expected one of {sorted(PRESETS)}")
-    vit_gpt2_options = {"pretrained_dir": pretrained_dir, "encoder_dir": encoder_dir, "decoder_dir": decoder_dir}
-    given = [name for name, value in vit_gpt2_options.items() if value is not None]
-    if given:
-        raise RobucapError(
-            f"{' / '.join(given)} belong to the vit_gpt2 architecture; show_attend_tell loads a pretrained CNN "
-            "from encoder_weights (a torchvision ResNet state_dict file)"
-        )
     config = _apply_overrides(PRESETS[preset], overrides or {})
     _validate(config, image_size)
     if config.backbone == TINY_BACKBONE:

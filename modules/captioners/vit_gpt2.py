@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+from transformers import GPT2Config, PreTrainedModel, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import VocabInfo
@@ -22,6 +23,7 @@ from modules.captioners.base import (
     caption_loss,
     shift_right,
 )
+from modules.captioners.settings import CaptionerSettings
 
 # ViT checkpoints (google/vit-*) are trained on inputs normalised with mean = std = 0.5.
 VIT_MEAN = (0.5, 0.5, 0.5)
@@ -115,8 +117,24 @@ class ViTGPT2Captioner(Captioner):
         )
         return CaptionerOutput(logits=out.logits, loss=caption_loss(out.logits, labels))
 
+    def no_weight_decay(self) -> set[str]:
+        """Biases, norms and every embedding: GPT-2's token and position tables (``wte``, ``wpe``) and ViT's patch
+        projection, position embeddings and class token (all named ``*embed*``)."""
+        embeddings = {name for name, _ in self.named_parameters() if any(k in name for k in ("embed", "wte", "wpe"))}
+        return super().no_weight_decay() | embeddings
+
+    def transformers_model(self) -> PreTrainedModel:
+        """The wrapped ``VisionEncoderDecoderModel``, which ``robucap export`` saves."""
+        return self.model
+
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> torch.Tensor:
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        length_penalty: float = BEAM_LENGTH_PENALTY,
+    ) -> torch.Tensor:
         # Every decoder position is real (finished captions continue with pad, which is cut below), so the mask is
         # all ones; generate() extends it step by step. Without it GPT-2 sees pad ids and warns about padding.
         start_mask = torch.ones(pixel_values.shape[0], 1, dtype=torch.long, device=pixel_values.device)
@@ -128,7 +146,7 @@ class ViTGPT2Captioner(Captioner):
             do_sample=False,
             # Explicit, so a checkpoint's generation_config cannot change what num_beams means (Show-Attend-Tell's
             # beam search reads the same settings).
-            length_penalty=BEAM_LENGTH_PENALTY,
+            length_penalty=length_penalty,
             early_stopping=BEAM_EARLY_STOPPING,
             decoder_start_token_id=self.vocab.bos_token_id,
             eos_token_id=self.vocab.eos_token_id,
@@ -138,6 +156,39 @@ class ViTGPT2Captioner(Captioner):
         is_eos = tokens.eq(self.vocab.eos_token_id).long()
         after_eos = (is_eos.cumsum(1) - is_eos).gt(0)
         return tokens.masked_fill(after_eos, self.vocab.pad_token_id)
+
+
+@dataclass(frozen=True)
+class ViTGPT2Settings(CaptionerSettings):
+    """ViT encoder + GPT-2 decoder (``model.captioner`` with
+    ``class_path: modules.captioners.vit_gpt2.ViTGPT2Settings``).
+
+    Attributes:
+        preset: ``tiny`` or ``base`` (random initialisation, see :data:`PRESETS`), or ``pretrained`` (local
+            directories below).
+        pretrained_dir: One full VisionEncoderDecoder ``save_pretrained`` directory (``preset: pretrained``).
+        encoder_dir: A ViT directory (``preset: pretrained``, with ``decoder_dir``).
+        decoder_dir: A GPT-2 directory (``preset: pretrained``, with ``encoder_dir``).
+        overrides: Config fields changed in a random-init preset, ``{"encoder": {...}, "decoder": {...}}``.
+    """
+
+    name = "vit_gpt2"
+    preset: str = "tiny"
+    pretrained_dir: str | None = None
+    encoder_dir: str | None = None
+    decoder_dir: str | None = None
+    overrides: dict[str, dict[str, Any]] | None = None
+
+    def build(self, vocab: VocabInfo, image_size: int) -> ViTGPT2Captioner:
+        return build_vit_gpt2(
+            vocab,
+            image_size,
+            preset=self.preset,
+            pretrained_dir=self.pretrained_dir,
+            encoder_dir=self.encoder_dir,
+            decoder_dir=self.decoder_dir,
+            overrides=self.overrides,
+        )
 
 
 def build_vit_gpt2(

@@ -1,0 +1,51 @@
+"""The demo's study stages: the freeze, backdoor and transfer studies on the demo's data."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from datamodules.datamodule import CaptionDataModule
+from lightning_app.demo.context import DemoContext
+from lightning_app.training import TrainedCaptioner
+
+__all__ = ["stage_backdoor_study", "stage_freeze_study", "stage_transfer_study"]
+
+
+def stage_freeze_study(ctx: DemoContext) -> None:
+    """Rashid & Rivas's (2024) five phases on the demo's data, starting from the demo's baseline."""
+    from lightning_app.studies.freeze import run_and_report
+
+    cfg = replace(ctx.freeze, seed=ctx.seed, wandb=ctx.wandb)
+    base: TrainedCaptioner = ctx.state["baseline"]
+    ctx.results["freeze_study"] = run_and_report(
+        ctx.state["datamodule"],
+        ctx.out / "freeze_study",
+        cfg,
+        ctx.report,
+        baseline=base.module,
+        baseline_checkpoint=base.checkpoint,
+        baseline_seconds=base.train_seconds,
+    )
+
+
+def stage_backdoor_study(ctx: DemoContext) -> None:
+    """Li et al.'s (2022) benign / BadNets / object-noise models on the demo's data."""
+    from lightning_app.studies.backdoor import run_and_report
+
+    cfg = replace(ctx.backdoor, wandb=ctx.wandb, cache_dir=str(ctx.out / "poison_cache"))
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    data = {"format": "coco", "root": str(ctx.data_root), "image_size": datamodule.image_size}
+    ctx.results["backdoor_study"] = run_and_report(data, ctx.out / "backdoor_study", cfg, ctx.report)
+
+
+def stage_transfer_study(ctx: DemoContext) -> None:
+    """Transfer matrix and leave-one-out ensembles over three captioners (Show-and-Fool; Liu et al. 2017)."""
+    from lightning_app.studies.transfer import run_and_report
+
+    cfg = replace(ctx.transfer, seed=ctx.seed, wandb=ctx.wandb)
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    data = {"format": "coco", "root": str(ctx.data_root), "image_size": datamodule.image_size}
+    block = run_and_report(data, ctx.out / "transfer_study", cfg, ctx.report)
+    ctx.results["transfer"] = block["transfer"]
+    ctx.results["ensemble"] = block["ensemble"]
+    ctx.results["transfer_study"] = {k: v for k, v in block.items() if k not in ("transfer", "ensemble")}

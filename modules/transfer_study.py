@@ -1,0 +1,370 @@
+"""The attacks and evaluation of the transfer study (Liu et al. 2017; Show-and-Fool, Chen et al. 2018).
+
+Given trained captioners and a batch of test images: single-model attacks (targeted Show-and-Fool and a
+non-targeted optimisation attack per source) captioned by every model, then leave-one-out ensembles (optimisation,
+FG and FGS, targeted and not) evaluated on the held-out model. ``lightning_app.studies.transfer`` trains or loads the
+models and writes the report; this file holds no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from datamodules.errors import RobucapError
+from modules.attacks import ENSEMBLE_METHODS, Attack, ShowAndFool, build_attack
+from modules.attacks.targets import choose_targets, target_caption_ids
+from modules.captioners import ARCHITECTURES
+from modules.captioning import CaptioningModule
+from modules.transfer import TransferCell, TransferMatrix, rmsd_255, transfer_matrix
+from modules.victims.captioner import CaptionObjective, caption_ensemble, different_vocabularies
+
+__all__ = [
+    "ENSEMBLE_METHODS",
+    "KINDS",
+    "MODELS",
+    "AttackedImages",
+    "EnsembleRows",
+    "SingleModelAttacks",
+    "TransferStudyConfig",
+    "attack_descriptions",
+    "leave_one_out_ensembles",
+    "optimization_attack",
+    "show_and_fool_attack",
+    "single_model_attacks",
+]
+
+# (name, architecture, seed offset): two ViT-GPT2 of different seeds, one Show-Attend-Tell.
+MODELS: tuple[tuple[str, str, int], ...] = (
+    ("vit_gpt2_s0", "vit_gpt2", 0),
+    ("vit_gpt2_s1", "vit_gpt2", 1),
+    ("sat_s0", "show_attend_tell", 0),
+)
+FAST_METHODS = ENSEMBLE_METHODS[1:]  # fg, fgs
+KINDS = ("targeted", "non_targeted")
+_SUMMARY_KEYS = ("changed", "target_hit", "target_hit_clean", "bleu4_drop", "ori_bleu4", "tgt_bleu4", "rmsd")
+
+
+@dataclass
+class TransferStudyConfig:
+    """Settings of the transfer study."""
+
+    epochs: int = 2
+    """Training epochs of every model."""
+    preset: str = "tiny"
+    """Preset of the trained captioners."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    batch_size: int = 64
+    """Training batch size."""
+    train_images: int | None = None
+    """Training images used (the first N; ``None``: all)."""
+    val_images: int | None = 500
+    """Validation images used for model selection (the first N)."""
+    test_images: int | None = None
+    """Test images scored for each model's clean BLEU-4 (the first N; ``None``: the whole split)."""
+    images: int = 50
+    """Attacked test images (the first N of the test split; at least 2, targets come from other images)."""
+    seed: int = 0
+    """Base seed: model seeds are ``seed + 0``, ``seed + 1``, ``seed + 0`` and targets are drawn with ``seed``."""
+    sf_iterations: int = 200
+    """Show-and-Fool Adam iterations per round of the c search (the paper: 1000; fewer here to fit the time budget)."""
+    sf_search_rounds: int = 3
+    """Show-and-Fool rounds of the c search (Show-and-Fool, Chen et al. 2018: 5; fewer here to fit the time budget)."""
+    sf_lr: float = 0.005
+    """Show-and-Fool Adam learning rate (Show-and-Fool, Chen et al. 2018: 0.005)."""
+    sf_initial_c: float = 1.0
+    """Show-and-Fool first c (Show-and-Fool, Chen et al. 2018: 1)."""
+    margin: float = 1.0
+    """Show-and-Fool confidence margin kappa (the paper: 1; its section 4.4 shows a larger kappa transfers better)."""
+    opt_iterations: int = 100
+    """Adam iterations of the optimisation attacks (Liu et al. 2017: 100)."""
+    opt_lr: float = 0.005
+    """Adam learning rate of the optimisation attacks, in tanh space (sets the distortion with lambda = 0)."""
+    distance_weight: float = 0.0
+    """Lambda of the optimisation attacks (Liu et al. 2017: 0)."""
+    fast_rmsd: float | None = None
+    """RMSD (0-255) the FG / FGS budgets aim at; ``None``: that of the optimisation attack of the same row."""
+    attack_batch_size: int = 64
+    """Images attacked (and captioned) at once."""
+    checkpoints: tuple[str, ...] | None = None
+    """Existing robucap checkpoints (at least 3) to study instead of training the three default models."""
+    wandb: bool = True
+    """Log every training run to W&B (offline without an API key)."""
+    models: tuple[tuple[str, str, int], ...] = field(default=MODELS)
+    """Models trained when no checkpoints are given: ``(name, arch, seed offset)``."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "sf_iterations", "sf_search_rounds", "opt_iterations", "attack_batch_size"):
+            if getattr(self, name) < 1:
+                raise RobucapError(f"transfer study {name} must be >= 1, got {getattr(self, name)}")
+        if self.images < 2:
+            raise RobucapError(
+                f"transfer study images must be >= 2 (targets come from other images), got {self.images}"
+            )
+        for name in ("train_images", "val_images", "test_images"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RobucapError(f"transfer study {name} must be >= 1 or null, got {value}")
+        if self.fast_rmsd is not None and not 0 < self.fast_rmsd <= 255:
+            raise RobucapError(f"transfer study fast_rmsd must be in (0, 255] (0-255 scale), got {self.fast_rmsd}")
+        if self.checkpoints is not None:
+            self.checkpoints = tuple(str(c) for c in self.checkpoints)
+            if len(self.checkpoints) < 3:
+                raise RobucapError(
+                    f"transfer study checkpoints needs at least 3 captioners (one held out, an ensemble of the "
+                    f"others), got {len(self.checkpoints)}: {list(self.checkpoints)}"
+                )
+        self.models = tuple(tuple(m) for m in self.models)
+        if self.checkpoints is None and len(self.models) < 3:
+            raise RobucapError(f"transfer study needs at least 3 models, got {len(self.models)}")
+        for _, arch, _ in self.models:
+            if arch not in ARCHITECTURES:
+                raise RobucapError(f"transfer study model arch must be one of {list(ARCHITECTURES)}, got {arch!r}")
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def choose_study_targets(captions: list[str], references: list[list[str]], seed: int) -> tuple[list[str], str]:
+    """Show-and-Fool's targets from model captions, else (all captions alike) from the images' first references."""
+    try:
+        return [str(t) for t in choose_targets(captions, seed=seed)], "model_captions"
+    except RobucapError:
+        return [str(t) for t in choose_targets([r[0] for r in references], seed=seed)], "references"
+
+
+def batched(images: torch.Tensor, size: int, fn: Any, *per_image: list) -> torch.Tensor:
+    """Apply ``fn(images, *lists)`` to batches of ``size`` images; concatenate the results."""
+    parts = []
+    for start in range(0, images.shape[0], size):
+        parts.append(fn(images[start : start + size], *(p[start : start + size] for p in per_image)))
+    return torch.cat(parts)
+
+
+def fast_budgets(rmsd: float, image: torch.Tensor) -> dict[str, float]:
+    """FG (L2) and FGS (L-infinity) budgets in [0, 1] units whose unclipped perturbation has RMSD ``rmsd`` (0-255)."""
+    return {"fg": rmsd / 255 * math.sqrt(image[0].numel()), "fgs": min(1.0, rmsd / 255)}
+
+
+def show_and_fool_attack(cfg: TransferStudyConfig) -> ShowAndFool:
+    """The targeted single-model attack (its objective: Show-and-Fool's logit margin ``cfg.margin``)."""
+    return ShowAndFool(
+        iterations=cfg.sf_iterations, lr=cfg.sf_lr, initial_c=cfg.sf_initial_c, search_rounds=cfg.sf_search_rounds
+    )
+
+
+def optimization_attack(cfg: TransferStudyConfig) -> Attack:
+    """Liu et al.'s (2017) optimisation attack (Adam in tanh space), single-model and ensemble rows alike."""
+    return build_attack(
+        "optimization", iterations=cfg.opt_iterations, lr=cfg.opt_lr, distance_weight=cfg.distance_weight
+    )
+
+
+def attack_descriptions(cfg: TransferStudyConfig) -> dict[str, str]:
+    """What results.json records under ``transfer.attacks``: each single-model attack and its objective."""
+    return {
+        "targeted": f"{show_and_fool_attack(cfg)!r} on CaptionObjective.targeting(loss='logits', margin={cfg.margin})",
+        "non_targeted": f"{optimization_attack(cfg)!r} on caption_ensemble([source])",
+    }
+
+
+def _mean_cells(cells: dict[str, TransferCell]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in _SUMMARY_KEYS:
+        values = [getattr(c, key) for c in cells.values() if getattr(c, key) is not None]
+        out[key] = statistics.fmean(values) if values else None
+    return out
+
+
+def _summary_scores(cell: TransferCell) -> dict[str, float | None]:
+    return {k: getattr(cell, k) for k in _SUMMARY_KEYS}
+
+
+def single_model_transfer(matrix: TransferMatrix, sources: list[str], held_out: str, targeted: bool) -> dict[str, Any]:
+    """Transfer to ``held_out`` of each source's own single-model attack: per source, mean, and best (JSON)."""
+    cells = {s: matrix[s][held_out] for s in sources}
+    key = "target_hit" if targeted else "changed"
+    best = max(cells, key=lambda s: (getattr(cells[s], key) or 0.0, cells[s].bleu4_drop))
+    return {
+        "attack": "show_and_fool" if targeted else "optimization",
+        "sources": list(sources),
+        "per_source": {s: _summary_scores(cells[s]) for s in sources},
+        "mean": _mean_cells(cells),
+        "best": {"source": best, **_summary_scores(cells[best])},
+    }
+
+
+@dataclass
+class AttackedImages:
+    """The test images every attack starts from, with what the evaluation compares against.
+
+    Attributes:
+        pixels: Images in [0, 1]. Shape: ``(N, 3, H, W)``.
+        references: Each image's reference captions.
+        image_ids: Each image's id.
+        clean: Each model's greedy caption of each image, by model name.
+    """
+
+    pixels: torch.Tensor
+    references: list[list[str]]
+    image_ids: list[Any]
+    clean: dict[str, list[str]]
+
+
+@dataclass
+class SingleModelAttacks:
+    """Each source's own attacks and their transfer matrices.
+
+    Attributes:
+        targeted: Show-and-Fool images per source. Shape of each: ``(N, 3, H, W)``.
+        non_targeted: Optimisation-attack images per source. Shape of each: ``(N, 3, H, W)``.
+        targets: The target caption of each image, per source.
+        targets_from: ``model_captions`` or ``references``, per source.
+        white_box: Show-and-Fool's white-box ``success`` rate, mean ``l2`` and ``rmsd``, per source.
+        matrix: ``targeted`` / ``non_targeted`` -> source -> evaluated model -> transfer cell.
+    """
+
+    targeted: dict[str, torch.Tensor]
+    non_targeted: dict[str, torch.Tensor]
+    targets: dict[str, list[str]]
+    targets_from: dict[str, str]
+    white_box: dict[str, dict[str, float]]
+    matrix: dict[str, TransferMatrix]
+
+
+@dataclass
+class EnsembleRows:
+    """The leave-one-out ensemble rows.
+
+    Attributes:
+        rows: One JSON row per (held-out model, method, targeted).
+        images: The adversarial images of each row, by ``(held_out, method, targeted)``. Shape: ``(N, 3, H, W)``.
+        targets: Per held-out model, the member the targets came from, how, and the target captions.
+        shared_vocabulary: Whether the models share one vocabulary (targeted rows need it).
+    """
+
+    rows: list[dict[str, Any]]
+    images: dict[tuple[str, str, bool], torch.Tensor] = field(default_factory=dict)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shared_vocabulary: bool = True
+
+
+def _shared_vocabulary(models: dict[str, CaptioningModule]) -> bool:
+    return not different_vocabularies([m.tokenizer for m in models.values()])
+
+
+def _on_ensemble(attack: Attack, captioners: list[Any], max_new_tokens: int) -> Any:
+    """``fn(images, targets=None)`` for :func:`batched`: ``attack``'s images against the captioners' ensemble
+    objective (Liu et al. 2017, eq. 6; targeted when target ids are given)."""
+
+    def run(images: torch.Tensor, targets: list[list[int]] | None = None) -> torch.Tensor:
+        objective = caption_ensemble(captioners, images, targets, max_new_tokens=max_new_tokens)
+        return attack(objective, images).adversarial
+
+    return run
+
+
+def single_model_attacks(
+    models: dict[str, CaptioningModule], images: AttackedImages, cfg: TransferStudyConfig
+) -> SingleModelAttacks:
+    """Attack each model alone (targeted Show-and-Fool, non-targeted optimisation) and caption with every model."""
+    x, size = images.pixels, cfg.attack_batch_size
+    targeted_sets, nt_sets, targets, targets_from, white_box = {}, {}, {}, {}, {}
+    for index, (name, module) in enumerate(models.items(), start=1):
+        print(f"[transfer study] single-model attacks {index}/{len(models)} on {name}")
+        targets[name], targets_from[name] = choose_study_targets(images.clean[name], images.references, cfg.seed)
+        ids = [target_caption_ids(module.tokenizer, t) for t in targets[name]]
+        show_and_fool = show_and_fool_attack(cfg)
+        goals = [
+            CaptionObjective.targeting(
+                module.captioner, ids[s : s + size], loss="logits", margin=cfg.margin,
+                max_new_tokens=module.hparams.max_new_tokens,
+            )
+            for s in range(0, len(ids), size)
+        ]  # fmt: skip
+        starts = range(0, len(ids), size)
+        results = [show_and_fool(goal, x[s : s + size]) for goal, s in zip(goals, starts, strict=True)]
+        targeted_sets[name] = torch.cat([r.adversarial for r in results])
+        success = torch.cat([r.success for r in results]).float()
+        white_box[name] = {
+            "success": float(success.mean()),
+            "l2": float(torch.cat([r.l2 for r in results]).mean()),
+            "rmsd": float(rmsd_255(x, targeted_sets[name]).mean()),
+        }
+        attack = optimization_attack(cfg)
+        nt_sets[name] = batched(x, size, _on_ensemble(attack, [module.captioner], module.hparams.max_new_tokens))
+    print("[transfer study] evaluating single-model transfer")
+    common = (models, x, images.references, images.image_ids)
+    matrix = {
+        "targeted": transfer_matrix(targeted_sets, *common, targets, size, images.clean),
+        "non_targeted": transfer_matrix(nt_sets, *common, None, size, images.clean),
+    }
+    return SingleModelAttacks(targeted_sets, nt_sets, targets, targets_from, white_box, matrix)
+
+
+def leave_one_out_ensembles(
+    models: dict[str, CaptioningModule], images: AttackedImages, single: SingleModelAttacks, cfg: TransferStudyConfig
+) -> EnsembleRows:
+    """For each model held out, attack the ensemble of the others (optimisation, FG, FGS; targeted and not)."""
+    names = list(models)
+    result = EnsembleRows(rows=[], shared_vocabulary=_shared_vocabulary(models))
+    for held_out in names:
+        members = [n for n in names if n != held_out]
+        print(f"[transfer study] ensemble of {'+'.join(members)} (held out: {held_out})")
+        for targeted in (True, False):
+            if targeted and not result.shared_vocabulary:
+                continue  # a target is one sequence of token ids for every member: needs one vocabulary
+            _ensemble_row(models, images, single, cfg, held_out, targeted, result)
+    return result
+
+
+def _ensemble_row(
+    models: dict[str, CaptioningModule],
+    images: AttackedImages,
+    single: SingleModelAttacks,
+    cfg: TransferStudyConfig,
+    held_out: str,
+    targeted: bool,
+    result: EnsembleRows,
+) -> None:
+    """Attack one leave-one-out ensemble with the three methods; append its rows to ``result``."""
+    x, size = images.pixels, cfg.attack_batch_size
+    members = [n for n in models if n != held_out]
+    captioners = [models[n].captioner for n in members]
+    kind = KINDS[0] if targeted else KINDS[1]
+    row_targets, extra = None, []
+    if targeted:
+        # Targets from the first member's clean captions: the held-out model is a black box.
+        row_targets, source = choose_study_targets(images.clean[members[0]], images.references, cfg.seed)
+        result.targets[held_out] = {"from_member": members[0], "from": source, "captions": row_targets}
+        extra = [[target_caption_ids(models[members[0]].tokenizer, t) for t in row_targets]]
+    length = max(models[n].hparams.max_new_tokens for n in members)
+    sets = {"optimization": batched(x, size, _on_ensemble(optimization_attack(cfg), captioners, length), *extra)}
+    reference_rmsd = float(rmsd_255(x, sets["optimization"]).mean()) if cfg.fast_rmsd is None else cfg.fast_rmsd
+    budgets = fast_budgets(reference_rmsd, x)
+    for method in FAST_METHODS:
+        attack = build_attack(method, budgets[method])
+        sets[method] = batched(x, size, _on_ensemble(attack, captioners, length), *extra)
+    cells = transfer_matrix(sets, models, x, images.references, images.image_ids, row_targets, size, images.clean)
+    transfer = single_model_transfer(single.matrix[kind], members, held_out, targeted)
+    for method in ENSEMBLE_METHODS:
+        result.images[(held_out, method, targeted)] = sets[method]
+        result.rows.append(
+            {
+                "held_out": held_out,
+                "members": members,
+                "method": method,
+                "targeted": targeted,
+                "epsilon": budgets.get(method),
+                "epsilon_norm": {"fg": "l2", "fgs": "linf"}.get(method),
+                "rmsd": cells[method][held_out].rmsd,
+                "on_held_out": cells[method][held_out].to_json(),
+                "on_members": {m: cells[method][m].to_json() for m in members},
+                "single_model_transfer": transfer,
+            }
+        )
