@@ -158,7 +158,7 @@ def test_fg_uses_the_l2_budget_per_image(captioner: Captioner) -> None:
 def test_zero_epsilon_returns_the_images(captioner: Captioner) -> None:
     x, labels = make_batch()
     budgeted = ["fgsm", "fgsm_rs", "fgs", "pgd", "fg"]
-    assert set(ATTACKS) - set(budgeted) == {"optimization", "show_and_fool"}  # no budget, nothing to zero
+    assert set(ATTACKS) - set(budgeted) == {"optimization", "show_and_fool", "dag"}  # no budget, nothing to zero
     for name in budgeted:
         attack = build_attack(name, 0.0)
         assert isinstance(attack, BudgetAttack), name
@@ -246,7 +246,7 @@ def test_an_image_does_not_depend_on_its_batch(captioner: Captioner, name: str) 
 
 
 def test_build_attack_names() -> None:
-    assert set(ATTACKS) == {"fgsm", "fgsm_rs", "fgs", "pgd", "fg", "optimization", "show_and_fool"}
+    assert set(ATTACKS) == {"fgsm", "fgsm_rs", "fgs", "pgd", "fg", "optimization", "show_and_fool", "dag"}
     plain, rs = build_attack("fgsm", 0.1), build_attack("FGSM-RS", 0.1)
     assert type(plain) is FGSM and not plain.random_start
     assert type(rs) is FGSM and rs.random_start

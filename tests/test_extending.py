@@ -69,7 +69,7 @@ def _first_test_batch(checkpoint: Path, root: Path, n: int) -> tuple[CaptioningM
 
 def test_built_in_attacks_register_from_their_own_files() -> None:
     """The package's files register themselves: the names, the aliases and the options their names fix."""
-    assert set(ATTACKS) == {"fgsm", "fgs", "fgsm_rs", "pgd", "fg", "optimization", "show_and_fool"}
+    assert set(ATTACKS) == {"fgsm", "fgs", "fgsm_rs", "pgd", "fg", "optimization", "show_and_fool", "dag"}
     entries = registered_attacks()
     assert entries["fgs"].alias_of == "fgsm" and "fgs" not in registered_attacks(aliases=False)
     assert dict(entries["fgsm_rs"].fixed) == {"random_start": True}
