@@ -159,7 +159,9 @@ def _print_help() -> None:
     print(
         "usage: robucap {fit,validate,test,predict,data,export,demo,study,poison-scan,attack} ...\n\n"
         "  fit|validate|test|predict  LightningCLI over CaptioningModule + CaptionDataModule (--help for options);\n"
-        "                             predict writes predictions.jsonl for a split or --data.predict_images DIR\n"
+        "                             predict writes predictions.jsonl for a split or --data.predict_images DIR;\n"
+        "                             a config whose model.class_path is a detector or a segmenter (configs/\n"
+        "                             experiment/shapes_detector.yaml, shapes_segmenter.yaml) trains that instead\n"
         "  data shapes --out DIR      write the procedural shapes dataset\n"
         "  export --ckpt X --out DIR  write a transformers directory (pipeline('image-to-text', model=DIR,\n"
         "                             trust_remote_code=True) loads it)\n"

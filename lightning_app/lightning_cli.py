@@ -216,20 +216,24 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_lightning_cli(args: list[str] | None) -> RobucapCLI:
-    """Run one LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
+def run_lightning_cli(args: list[str] | None) -> LightningCLI:
+    """Run one LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``): over a captioner, or over a
+    detector or segmenter when the config or checkpoint names one (``lightning_app.dense_cli.dense_victim``).
 
     Args:
         args: Arguments starting with the subcommand; ``None`` reads ``sys.argv``.
     """
+    from lightning_app.dense_cli import DenseCLI, dense_victim
+
     quiet_third_party()
-    cli = RobucapCLI(args=args)
+    victim = dense_victim(list(sys.argv[1:] if args is None else args))
+    cli = RobucapCLI(args=args) if victim is None else DenseCLI(victim, args=args)
     finish_wandb(cli.trainer)
     report_outputs(cli)
     return cli
 
 
-def report_outputs(cli: RobucapCLI) -> None:
+def report_outputs(cli: LightningCLI) -> None:
     """Say where a ``fit`` left its checkpoints (the rest of the run's output is Lightning's own)."""
     trainer = cli.trainer
     if cli.subcommand != "fit" or not trainer.is_global_zero:

@@ -22,6 +22,7 @@ OPTIONS: dict[str, list[str]] = {
     "fgsm_rs": ["--epsilon", "0.03", "--seed", "4", "--step_size", "0.04"],
     "pgd": ["--epsilon", "0.03", "--steps", "2", "--step_size", "0.01", "--random_start", "false"],
     "fg": ["--epsilon", "0.5"],
+    "dag": ["--victim", "captioner", "--gamma", "0.01", "--max_iterations", "2", "--shrink_only", "true"],
     "ensemble": ["--method", "fgs", "--epsilon", "0.02", "--held_out", "1"],
 }
 

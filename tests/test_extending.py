@@ -75,8 +75,9 @@ def test_built_in_attacks_register_from_their_own_files() -> None:
     assert dict(entries["fgsm_rs"].fixed) == {"random_start": True}
     assert list(entries["pgd"].options) == ["use_eval_mode", "steps", "step_size", "random_start"]
     assert list(entries["fgsm"].options) == ["use_eval_mode"]  # plain FGSM: no random start, no step size
-    # Budgeted and untargeted: a subcommand each; optimization and Show-and-Fool have no budget, aliases no entry.
-    assert subcommands() == ("show-and-fool", "fg", "fgsm", "fgsm_rs", "pgd", "ensemble")
+    # Budgeted and untargeted: a subcommand each; optimization and Show-and-Fool have no budget, aliases no entry;
+    # DAG (no budget either) has a subcommand with its own settings.
+    assert subcommands() == ("show-and-fool", "fg", "fgsm", "fgsm_rs", "pgd", "dag", "ensemble")
 
 
 def test_a_name_taken_by_another_class_is_refused() -> None:

@@ -7,6 +7,8 @@ Subcommands (each writes ``OUT/results.json`` and ``OUT/report.html``; settings 
 * every registered budgeted attack (``fgsm``, ``fgsm_rs``, ``pgd``, ``fg``, and any attack registered by a file
   imported since, :mod:`modules.attacks.registry`): untargeted on the first reference caption (Rashid & Rivas
   2024): BLEU-4 clean and under attack, share of changed captions, RMSD (Liu et al. 2017, 0-255 scale);
+* ``dag``: Dense Adversary Generation (Xie et al. 2017) on a captioner's content words (a detector's proposals and a
+  segmenter's pixels once their runners exist), next to FGSM at the same L-infinity norm;
 * ``ensemble``: Liu et al.'s (2017) ensemble attack, crafted on several checkpoints and evaluated on all of them.
 
 Each subcommand parses its settings (:mod:`~lightning_app.attack.parser`), calls one evaluation in ``modules/``
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from datamodules.errors import RobucapError
 from lightning_app.attack.settings import (
+    DagSettings,
     EnsembleSettings,
     GradientSettings,
     ShowAndFoolSettings,
@@ -37,6 +40,7 @@ def usage() -> str:
     ]
     lines += [f"  {name:<14} {entry.summary}, untargeted" for name, entry in gradient_attacks().items()]
     lines += [
+        f"  {'dag':<14} Dense Adversary Generation on a captioner's words (Xie et al. 2017), next to FGSM",
         f"  {'ensemble':<14} Liu et al.'s (2017) ensemble attack over several checkpoints",
         "robucap attack SUBCOMMAND --help lists its options; --print_config prints the settings as YAML.",
     ]
@@ -66,6 +70,10 @@ def attack_main(argv: list[str]) -> int:
         from lightning_app.attack.show_and_fool import run_show_and_fool_command
 
         return run_show_and_fool_command(settings)
+    if isinstance(settings, DagSettings):
+        from lightning_app.attack.dag import run_dag_command
+
+        return run_dag_command(settings)
     if isinstance(settings, EnsembleSettings):
         from lightning_app.attack.ensemble import run_ensemble_command
 

@@ -17,7 +17,9 @@ from typing import Any, Literal
 from modules.attacks.registry import RegisteredAttack, registered_attacks
 
 __all__ = [
+    "DAG_VICTIMS",
     "AttackSettings",
+    "DagSettings",
     "EnsembleSettings",
     "GradientSettings",
     "ShowAndFoolSettings",
@@ -118,8 +120,34 @@ class EnsembleSettings(AttackSettings):
     """Optimization learning rate (default: the attack's)."""
 
 
+DAG_VICTIMS: tuple[str, ...] = ("captioner", "detector", "segmenter")
+"""The victims ``robucap attack dag --victim`` names."""
+
+
+@dataclass(kw_only=True)
+class DagSettings(AttackSettings):
+    """Dense Adversary Generation (Xie et al. 2017): every target of a dense victim pushed to another class."""
+
+    ckpt: str
+    """Checkpoint of the victim: robucap fit's captioner, detector or segmenter (as --victim says)."""
+    victim: str = "captioner"
+    """What the checkpoint holds: captioner (its caption's content words), detector (proposals), segmenter (pixels)."""
+    gamma: float = 0.5 / 255
+    """Step size, the L-infinity norm of every step, in [0, 1] pixel units (paper: 0.5 / 255)."""
+    max_iterations: int | None = None
+    """Most DAG steps per image (default: 150 detector, 200 segmenter, 200 captioner)."""
+    shrink_only: bool = False
+    """A target that left the active set never comes back (default: the paper's active set, recomputed each step)."""
+    fgsm: bool = True
+    """Also run FGSM at the L-infinity norm of DAG's mean perturbation, for comparison (captioner)."""
+
+
 # The subcommands with their own settings and runner; every other one is a registered budgeted attack.
-_OWN_SETTINGS: dict[str, type[AttackSettings]] = {"show-and-fool": ShowAndFoolSettings, "ensemble": EnsembleSettings}
+_OWN_SETTINGS: dict[str, type[AttackSettings]] = {
+    "show-and-fool": ShowAndFoolSettings,
+    "dag": DagSettings,
+    "ensemble": EnsembleSettings,
+}
 
 
 def gradient_attacks() -> dict[str, RegisteredAttack]:
@@ -131,8 +159,11 @@ def gradient_attacks() -> dict[str, RegisteredAttack]:
 
 
 def subcommands() -> tuple[str, ...]:
-    """Every ``robucap attack`` subcommand, attacks registered by files imported so far included."""
-    return ("show-and-fool", *gradient_attacks(), "ensemble")
+    """Every ``robucap attack`` subcommand, attacks registered by files imported so far included.
+
+    ``dag`` has no budget (its steps are normalised, not projected) but is a subcommand with its own settings.
+    """
+    return ("show-and-fool", *gradient_attacks(), "dag", "ensemble")
 
 
 def settings_type(subcommand: str) -> type[AttackSettings]:
