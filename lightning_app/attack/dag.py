@@ -3,6 +3,8 @@
 ``--victim captioner``: DAG on the content words of the captioner's greedy caption
 (:func:`modules.dense_eval.attack_tokens`), reported as the token flip rate, the share of changed captions, BLEU-4
 clean and attacked, perceptibility ``p`` and the average iterations, next to FGSM at DAG's mean L-infinity norm.
+``--victim detector|segmenter``: the paper's Table 1 on the victim (:mod:`lightning_app.attack.dag_dense`): mAP or
+mIoU clean, after DAG and with the permuted perturbation, average iterations and ``p``.
 
 The checkpoint must hold the victim ``--victim`` names (a dense victim's checkpoint records which it is:
 :func:`modules.dense.read_victim`; a captioner's carries its tokenizer). Each victim has one runner in
@@ -18,6 +20,7 @@ from typing import Any
 
 from callbacks.image_grid import difference_gain, gain_label
 from datamodules.errors import RobucapError
+from lightning_app.attack.dag_dense import run_detector, run_segmenter
 from lightning_app.attack.data import check_common, load_eval_images, load_module, resolve_device
 from lightning_app.attack.output import Example, example_grid, write_outputs
 from lightning_app.attack.settings import DAG_VICTIMS, DagSettings, settings_block
@@ -127,7 +130,11 @@ def run_captioner(settings: DagSettings, attack: DAG, start: float) -> int:
     return 0
 
 
-RUNNERS: dict[str, Callable[[DagSettings, DAG, float], int]] = {"captioner": run_captioner}
+RUNNERS: dict[str, Callable[[DagSettings, DAG, float], int]] = {
+    "captioner": run_captioner,
+    "detector": run_detector,
+    "segmenter": run_segmenter,
+}
 """The runner of each victim: it loads the checkpoint and the data, attacks, and writes the outputs."""
 
 
