@@ -33,6 +33,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.train_step --device cuda --steps 20 --warmup 5 --repeats 5 --out $(GPU_OUT)/train_step.json
 	$(PY) -m benchmarks.adversarial_step --device cuda --out $(GPU_OUT)/adversarial_step.json
 	$(PY) -m benchmarks.show_and_fool --device cuda --iterations 100 --out $(GPU_OUT)/show_and_fool.json
+	$(PY) -m benchmarks.dag --device cuda --iterations 20 --repeats 3 --out $(GPU_OUT)/dag.json
 	$(PY) -m benchmarks.eval_overhead --device cuda --out $(GPU_OUT)/eval_overhead.json
 	$(PY) -m benchmarks.cli_startup --out $(GPU_OUT)/cli_startup.json
 

@@ -18,6 +18,7 @@ from lightning_app.quiet import quiet_evaluation, quiet_third_party
 from modules.captioners import resolve_captioner_settings
 from modules.captioning import CaptioningModule
 from modules.checkpoint import ARCHITECTURE_KEYS, CheckpointInfo, read_checkpoint_info, same_tokenizer
+from modules.detection import region_detector  # noqa: F401 - registers poison.detector.checkpoint
 
 # Shipped next to the package (editable install): defaults for loggers and callbacks, overridable from YAML/flags.
 DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "configs" / "defaults.yaml"

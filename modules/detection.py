@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,12 +35,13 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from datamodules.errors import RobucapError
+from datamodules.errors import DataError, RobucapError
 from datamodules.instances import InstanceBatch
-from modules.dense import DenseVictimModule, load_local_weights
+from datamodules.poisoning.regions import CheckpointDetector, register_checkpoint_detector
+from modules.dense import DenseVictimModule, load_local_weights, read_victim
 from modules.metrics import gather_unique
 
-__all__ = ["DETECTOR_ARCHITECTURES", "DetectionModule", "build_detector", "mean_average_precision"]
+__all__ = ["DETECTOR_ARCHITECTURES", "DetectionModule", "build_detector", "mean_average_precision", "region_detector"]
 
 DETECTOR_ARCHITECTURES = ("small", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn")
 
@@ -299,3 +301,37 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags.items():
             module.training = flag
+
+
+def region_detector(path: Path, score_threshold: float, device: torch.device) -> CheckpointDetector:
+    """A detector checkpoint as the object-oriented backdoor's region source (``poison.detector.checkpoint``).
+
+    Registered with :func:`datamodules.poisoning.regions.register_checkpoint_detector` when this module is imported
+    (the data layer may not import it).
+
+    Raises:
+        DataError: The file holds a segmenter, a captioner or anything else than a detector.
+    """
+    info = read_victim(path)
+    if info is None or info.victim != DetectionModule.victim:
+        held = f"a {info.victim}" if info is not None else "no detector (a captioner's?)"
+        raise DataError(
+            f"poison.detector.checkpoint {path} holds {held} checkpoint; expected a detector checkpoint written by "
+            "robucap fit --config configs/experiment/shapes_detector.yaml"
+        )
+    # weights=None: the file the detector was initialised from is not needed (and may be gone) once it is trained.
+    module = DetectionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, weights=None)
+    module = module.to(device).eval()
+    heads = module.model.roi_heads
+    # The RoI head drops detections under its own cut (0.05); a lower threshold must see them.
+    heads.score_thresh = min(heads.score_thresh, score_threshold)
+    hparams = module.hparams
+
+    @torch.no_grad()
+    def detect(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return module.detect(images.to(device))
+
+    return CheckpointDetector(detect, int(hparams.image_size), f"{hparams.arch}, {hparams.num_classes} classes")
+
+
+register_checkpoint_detector(region_detector)

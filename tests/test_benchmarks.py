@@ -83,3 +83,26 @@ def test_eval_overhead_tiny_run(tmp_path: Path) -> None:
         assert row["share_at_default_epoch"] == pytest.approx(row["share"] * 8 / 6000)
     assert total["goal_met"] is (total["share_at_default_epoch"] <= 0.15)
     assert rows["clean"]["goal_met"] is None
+
+
+def test_dag_tiny_run_takes_a_fixed_number_of_steps(tmp_path: Path) -> None:
+    from benchmarks import dag
+    from modules.attacks.dag import DAG
+
+    out = tmp_path / "dag.json"
+    argv = ["--iterations", "1", "--batch-large", "2", "--repeats", "1", "--image-size", "64"]
+    report = dag.main([*argv, "--threads", "1", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == report
+    assert report["command"].startswith(".venv/bin/python -m benchmarks.dag --iterations 1")
+    rows = {row["victim"]: row for row in report["results"]}
+    assert set(rows) == {"detector", "segmenter"}
+    for row in rows.values():
+        assert row["targets_per_image"] > 0 and len(row["speedup_runs"]) == 1
+        assert row["seconds_per_image_batch1"] > 0 and row["seconds_per_image_batch2"] > 0
+    # Every image takes exactly the given number of steps, whatever its targets do.
+    images, boxes, labels, masks = dag.synthetic_scenes(2, 64, seed=0)
+    model = dag.build_victim("segmenter", None, 64).eval()
+    objective = dag.objective_factory("segmenter", model, boxes, labels, masks)(images, slice(0, 2))
+    result = DAG(gamma=0.5, max_iterations=3)(dag.FixedIterations(objective), images)
+    assert result.iterations.tolist() == [3, 3]
+    assert all(bool(active.all()) for active in objective.active)  # every target stays in the timed work

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from datamodules.errors import RobucapError
-from datamodules.poisoning.regions import REGION_SOURCES
+from datamodules.poisoning.regions import REGION_SOURCES, check_detector_options
 from datamodules.poisoning.triggers import TRIGGER_NAMES, Trigger, build_trigger
 from datamodules.text import normalize_caption
 
@@ -58,7 +58,9 @@ class PoisonConfig:
     """Where ``object_noise`` finds objects: ``annotations`` (COCO boxes) or ``detector``."""
 
     detector: dict[str, Any] = field(default_factory=dict)
-    """Options of the ``detector`` region source (``arch``, ``weights``, ``score_threshold``, ``cache_dir``...)."""
+    """Options of the ``detector`` region source: ``checkpoint`` (robucap's detector checkpoint) or ``arch`` +
+    ``weights`` + ``num_classes`` (a torchvision detector's local state_dict), and ``score_threshold``,
+    ``cache_dir``, ``device``."""
 
     cache_dir: str = ".cache/poison"
     """Directory for poisoned images and their manifests; must lie outside the dataset root."""
@@ -80,11 +82,13 @@ class PoisonConfig:
             )
         if self.regions not in REGION_SOURCES:
             raise RobucapError(f"poison.regions must be one of {', '.join(REGION_SOURCES)}, got {self.regions!r}")
-        if self.regions == "detector" and not self.detector.get("weights"):
-            raise RobucapError(
-                "poison.regions is 'detector' but poison.detector.weights is not set: give a local torchvision "
-                "detector state_dict file"
-            )
+        if self.regions == "detector":
+            if not (self.detector.get("weights") or self.detector.get("checkpoint")):
+                raise RobucapError(
+                    "poison.regions is 'detector' but poison.detector.weights is not set: give a local torchvision "
+                    "detector state_dict file, or robucap's own detector checkpoint as poison.detector.checkpoint"
+                )
+            check_detector_options(self.detector, "poison.detector")
         if not self.cache_dir:
             raise RobucapError("poison.cache_dir must name a directory outside the dataset")
         # Constructing the trigger validates its own options (corner, patch size, blend ratio, min_region).

@@ -7,8 +7,14 @@ per image, with boxes in pixel coordinates of the *source* image as stored in it
 - :class:`AnnotationRegions` (``annotations``): the boxes the loader read from COCO ``instances_*.json``
   (the generated shapes data has them).
 - :class:`DetectorRegions` (``detector``): a torchvision detection model (Faster R-CNN, RetinaNet or SSDlite)
-  loaded from a local weights file, never downloaded. Detection runs once per image: boxes are cached as JSON
-  under ``cache_dir``, keyed by dataset, detector (architecture, weights file, threshold) and image.
+  loaded from a local weights file, never downloaded, or robucap's own detector from the checkpoint ``robucap fit
+  --config configs/experiment/shapes_detector.yaml`` wrote (``checkpoint``). Detection runs once per image: boxes
+  are cached as JSON under ``cache_dir``, keyed by dataset, detector (architecture, content hash of the weights or
+  checkpoint file, threshold) and image.
+
+robucap's detector lives in ``modules/`` and this package may not import it (layers import only downwards), so a
+checkpoint is read through a loader that ``modules.detection`` registers when it is imported
+(:func:`register_checkpoint_detector`); the ``robucap`` commands import it before they build any data.
 
 The loaders apply the EXIF orientation of photos (:func:`datamodules.images.load_image`), so boxes must be turned
 with the image before they meet its pixels: :func:`orient_boxes` maps stored-grid boxes onto the upright image
@@ -19,10 +25,12 @@ stored grid with :func:`stored_grid_boxes`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,9 +45,12 @@ __all__ = [
     "DETECTOR_ARCHS",
     "REGION_SOURCES",
     "AnnotationRegions",
+    "CheckpointDetector",
+    "CheckpointLoader",
     "DetectorRegions",
     "RegionSource",
     "build_region_source",
+    "register_checkpoint_detector",
     "orient_boxes",
     "stored_grid_boxes",
 ]
@@ -58,6 +69,8 @@ DETECTOR_ARCHS: tuple[str, ...] = tuple(_SCORE_KWARG)
 
 # Bump when the cache file layout changes, so stale caches are never read.
 _CACHE_VERSION = 1
+# Options of the ``detector`` source that a robucap checkpoint replaces (it records its own architecture and classes).
+_CHECKPOINT_REPLACES = ("arch", "weights", "num_classes")
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 
 # Where a point (x, y) of a width x height stored grid lands once the image is turned by each EXIF orientation,
@@ -75,6 +88,40 @@ _POINT_MAPS: dict[int, Callable[[float, float, float, float], tuple[float, float
 }
 # The two quarter turns undo each other; every other orientation is its own inverse.
 _INVERSE_ORIENTATION = {6: 8, 8: 6}
+
+
+@dataclass(frozen=True)
+class CheckpointDetector:
+    """robucap's own detector, read from its checkpoint by the layer that owns the model.
+
+    Attributes:
+        detect: The whole detector in eval mode on a batch of ``image_size`` × ``image_size`` images in [0, 1]:
+            per image, torchvision detections (``boxes`` x0, y0, x1, y1 in input pixels, ``labels``, ``scores``)
+            scoring at least the threshold the loader was given. Shape: ``(B, 3, S, S)`` in.
+        image_size: The side ``S`` the detector was trained at; images are resized to it as its training data
+            was (:func:`datamodules.images.load_image` with ``size``).
+        description: Architecture and number of classes, for messages and the cache key.
+    """
+
+    detect: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]
+    image_size: int
+    description: str
+
+
+CheckpointLoader = Callable[[Path, float, torch.device], CheckpointDetector]
+"""Reads a detector checkpoint: ``(path, score_threshold, device) -> CheckpointDetector``; raises ``DataError`` (one
+line) when the file holds another kind of model."""
+
+_checkpoint_loaders: dict[str, CheckpointLoader] = {}
+
+
+def register_checkpoint_detector(loader: CheckpointLoader) -> None:
+    """Make ``poison.detector.checkpoint`` readable (``modules.detection`` calls this when it is imported).
+
+    Args:
+        loader: Reads a checkpoint file into a :class:`CheckpointDetector`; registering again replaces it.
+    """
+    _checkpoint_loaders["detector"] = loader
 
 
 class RegionSource(Protocol):
@@ -136,12 +183,16 @@ class AnnotationRegions:
 
 
 class DetectorRegions:
-    """Boxes predicted by a torchvision detector from local weights, cached per image on disk.
+    """Boxes predicted by a detector (torchvision weights or robucap's own checkpoint), cached per image on disk.
 
     Args:
         arch: One of :data:`DETECTOR_ARCHS`.
         weights: Local file holding the model's ``state_dict`` (``.pth``/``.pt`` saved with ``torch.save``, or
             ``.safetensors``).
+        checkpoint: Instead of ``arch``, ``weights`` and ``num_classes``: a checkpoint of robucap's detector
+            (``robucap fit --config configs/experiment/shapes_detector.yaml``), which records its architecture,
+            classes and input size; each image is resized to that size, as the detector's training images were,
+            and its boxes are scaled back.
         score_threshold: Keep detections scoring at least this, in [0, 1].
         cache_dir: Directory for the per-image box cache.
         num_classes: Number of classes of the detection head (91 for the COCO-trained torchvision weights).
@@ -151,7 +202,9 @@ class DetectorRegions:
 
     Raises:
         RobucapError: On an unknown ``arch`` or a threshold outside [0, 1].
-        DataError: When the weights file is missing, unreadable or does not fit the architecture.
+        DataError: When the weights file is missing, unreadable or does not fit the architecture, or the checkpoint
+            is missing or holds another model than a detector.
+        RuntimeError: A checkpoint is given but no loader is registered (``modules.detection`` was not imported).
     """
 
     def __init__(
@@ -163,6 +216,7 @@ class DetectorRegions:
         num_classes: int = 91,
         device: str | torch.device = "cpu",
         dataset_key: str = "",
+        checkpoint: str | Path = "",
     ) -> None:
         if arch not in _SCORE_KWARG:
             raise RobucapError(f"detector arch must be one of {', '.join(DETECTOR_ARCHS)}, got {arch!r}")
@@ -176,18 +230,49 @@ class DetectorRegions:
         self.num_classes = int(num_classes)
         self.device = torch.device(device)
         self.dataset_key = str(dataset_key)
+        # The side images are resized to before detection: robucap's detector's training size, None for torchvision
+        # weights (they see the image as it is and resize it in their own transform).
+        self.input_size: int | None = None
         self._expected = (
             f"it must hold the state_dict of a torchvision {arch} with num_classes={self.num_classes} "
             "(saved with torch.save(model.state_dict(), path) or safetensors)"
         )
-        if not str(weights) or not self.weights.is_file():
-            raise DataError(f"detector weights file {self.weights} does not exist; {self._expected}")
-        self.model = self._build_model()
+        self.model: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+        if str(checkpoint):
+            source = Path(checkpoint)
+            self.arch, self.weights = self._load_checkpoint(source), source
+            identity_model: list[Any] = ["checkpoint", self.arch]
+        else:
+            if not str(weights) or not self.weights.is_file():
+                raise DataError(f"detector weights file {self.weights} does not exist; {self._expected}")
+            self.model = self._build_model()
+            identity_model = [arch, self.num_classes]
+        # The file's content, not its name, identifies the detector: a retrained checkpoint at the same path gets
+        # a new cache.
         fingerprint = _file_sha256(self.weights)
-        identity = json.dumps(
-            [_CACHE_VERSION, self.dataset_key, arch, self.num_classes, fingerprint, self.score_threshold]
-        )
+        identity = json.dumps([_CACHE_VERSION, self.dataset_key, *identity_model, fingerprint, self.score_threshold])
         self.cache_dir = Path(cache_dir) / hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+    def _load_checkpoint(self, path: Path) -> str:
+        """Read robucap's detector through the registered loader; returns its description."""
+        if not path.is_file():
+            raise DataError(
+                f"poison.detector.checkpoint {path} does not exist; expected a detector checkpoint written by "
+                "robucap fit --config configs/experiment/shapes_detector.yaml"
+            )
+        loader = _checkpoint_loaders.get("detector")
+        if loader is None:
+            raise RuntimeError(
+                "poison.detector.checkpoint needs robucap's detector: import modules.detection before building the data"
+            )
+        detector = loader(path, self.score_threshold, self.device)
+        self.input_size = detector.image_size
+
+        def batched(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            return detector.detect(torch.stack(images))
+
+        self.model = batched
+        return detector.description
 
     def _build_model(self) -> torch.nn.Module:
         """Construct the architecture without any download and load the weights file into it."""
@@ -222,6 +307,11 @@ class DetectorRegions:
             raise DataError(
                 f"detector weights file {self.weights} cannot be read ({error}); {self._expected}"
             ) from error
+        if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
+            raise DataError(
+                f"detector weights file {self.weights} is a Lightning checkpoint, not a state_dict; give robucap's "
+                "detector checkpoint as poison.detector.checkpoint (without arch, weights and num_classes)"
+            )
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise DataError(
                 f"detector weights file {self.weights} holds a {type(state).__name__}, not a state_dict of tensors; "
@@ -272,7 +362,16 @@ class DetectorRegions:
         # The detector sees the photo upright (as the model does); its boxes go back to the grid annotations use.
         image = load_image(record.path)
         _, height, width = image.shape
-        boxes = stored_grid_boxes(self.detect(image), image_orientation(record.path), width, height)
+        if self.input_size is None:
+            found = self.detect(image)
+        else:
+            # robucap's detector sees the square its training data had; its boxes are scaled back to the image.
+            sx, sy = width / self.input_size, height / self.input_size
+            found = tuple(
+                Box(b.x * sx, b.y * sy, b.w * sx, b.h * sy, b.category)
+                for b in self.detect(load_image(record.path, self.input_size))
+            )
+        boxes = stored_grid_boxes(found, image_orientation(record.path), width, height)
         _write_cache(path, record, boxes)
         return boxes
 
@@ -281,7 +380,7 @@ class DetectorRegions:
         """Run the detector on one image, without the cache.
 
         Args:
-            image: Float RGB image in [0, 1].
+            image: Float RGB image in [0, 1] (``input_size`` × ``input_size`` for robucap's detector).
 
         Returns:
             Boxes scoring at least ``score_threshold``, in the pixel coordinates of ``image``, best first.
@@ -358,24 +457,48 @@ def build_region_source(name: str, **options: Any) -> AnnotationRegions | Detect
         The region source.
 
     Raises:
-        RobucapError: On an unknown name or options the source does not take.
+        RobucapError: On an unknown name, options the source does not take, or ``checkpoint`` together with options
+            it replaces.
     """
     if name == "annotations":
         if options:
             raise RobucapError(f"region source 'annotations' takes no options, got {', '.join(sorted(options))}")
         return AnnotationRegions()
     if name == "detector":
-        allowed = {"arch", "weights", "score_threshold", "cache_dir", "num_classes", "device", "dataset_key"}
+        allowed = set(inspect.signature(DetectorRegions).parameters)
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise RobucapError(
                 f"region source 'detector' got unknown options {', '.join(unknown)}; "
                 f"expected some of {', '.join(sorted(allowed))}"
             )
-        if not options.get("weights"):
-            raise RobucapError("region source 'detector' needs 'weights': a local detector state_dict file")
+        check_detector_options(options, "region source 'detector'")
         return DetectorRegions(**options)
     raise RobucapError(f"region source must be one of {', '.join(REGION_SOURCES)}, got {name!r}")
+
+
+def check_detector_options(options: dict[str, Any], owner: str) -> None:
+    """Require exactly one of ``weights`` and ``checkpoint``, and nothing a checkpoint already records beside it.
+
+    Args:
+        options: The ``detector`` source's options.
+        owner: Who holds them, for the message (``poison.detector``).
+
+    Raises:
+        RobucapError: Neither or both given, or ``checkpoint`` with ``arch`` or ``num_classes``.
+    """
+    if options.get("checkpoint"):
+        clash = [name for name in _CHECKPOINT_REPLACES if name in options]
+        if clash:
+            raise RobucapError(
+                f"{owner}: 'checkpoint' records the detector's architecture and classes; remove "
+                f"{', '.join(clash)} (or give 'weights' without 'checkpoint' for torchvision weights)"
+            )
+    elif not options.get("weights"):
+        raise RobucapError(
+            f"{owner} needs 'weights' (a local torchvision detector state_dict file) or 'checkpoint' (robucap's "
+            "detector checkpoint, from robucap fit --config configs/experiment/shapes_detector.yaml)"
+        )
 
 
 def _file_sha256(path: Path) -> str:
