@@ -3,12 +3,17 @@
 The ``.wandb`` file is W&B's transaction log: a 7-byte header (``:W&B``, magic 0xBEE1, version) followed by
 LevelDB-log framed records (32 KiB blocks; each chunk has a CRC, a little-endian length and a FULL / FIRST /
 MIDDLE / LAST type) holding ``wandb_internal_pb2.Record`` protobufs. ``wandb sync`` uploads the same file.
+
+wandb-core appends to the log from its own process, so a reader can meet a tail that is still being written (a
+chunk whose length runs past the end of the file, or whose bytes do not match its CRC yet, or a record whose LAST
+chunk has not arrived). Like LevelDB's own log reader, that tail is dropped: the records before it are complete.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
 def _records(path: Path) -> list[bytes]:
+    """The complete records of a transaction log, in order; a tail still being written is left out."""
     data = path.read_bytes()
     if data[:4] != b":W&B":
         raise RobucapError(f"{path} is not a W&B transaction log (expected the ':W&B' header)")
@@ -31,11 +37,15 @@ def _records(path: Path) -> list[bytes]:
         if room < _CHUNK_HEADER:  # block trailer padding
             pos += room
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
-        chunk = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
-        pos += _CHUNK_HEADER + length
-        if kind == 0 and length == 0:
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
+        if kind == 0 and length == 0:  # zero padding ahead of the writer
+            pos += _CHUNK_HEADER
             continue
+        chunk = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
+        # wandb-core's CRC is the plain (unmasked) CRC-32 of the type byte and the payload.
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != crc:
+            break  # the tail the writer has not finished
+        pos += _CHUNK_HEADER + length
         if kind == _FULL:
             records.append(chunk)
         elif kind == _FIRST:

@@ -63,6 +63,19 @@ def test_default_loggers_write_a_readable_offline_run(
     # Each validation epoch logged a table of sample images with captions.
     assert run["summary"]["val/samples/_type"] == "table-file"
     assert (tmp_path / "runs" / "csv" / "version_0" / "metrics.csv").is_file()
+    # A log read while wandb-core is still appending (cut anywhere, or with an unflushed chunk) gives a prefix of
+    # the history, never a protobuf error: the CI once read a half-written record.
+    data = runs[0].read_bytes()
+    for cut in (len(data) - 1, len(data) * 2 // 3, len(data) // 2 + 3, 40):
+        partial = tmp_path / f"cut{cut}.wandb"
+        partial.write_bytes(data[:cut])
+        prefix = read_offline_run(partial)["history"]
+        assert prefix == run["history"][: len(prefix)]
+    garbled = bytearray(data)
+    garbled[len(data) // 2] ^= 0xFF
+    (tmp_path / "garbled.wandb").write_bytes(bytes(garbled))
+    prefix = read_offline_run(tmp_path / "garbled.wandb")["history"]
+    assert len(prefix) < len(run["history"]) and prefix == run["history"][: len(prefix)]
 
 
 def test_logger_class_is_wandb_logger(tmp_path: Path) -> None:
