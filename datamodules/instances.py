@@ -185,6 +185,19 @@ class InstanceBatch:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def select(self, keep: Sequence[int]) -> InstanceBatch:
+        """The batch's images ``keep``, in that order, with their annotations."""
+        keep = list(keep)
+        return InstanceBatch(
+            image_ids=[self.image_ids[i] for i in keep],
+            images=self.images[keep],
+            boxes=[self.boxes[i] for i in keep],
+            labels=[self.labels[i] for i in keep],
+            crowd_boxes=[self.crowd_boxes[i] for i in keep],
+            crowd_labels=[self.crowd_labels[i] for i in keep],
+            masks=self.masks[keep],
+        )
+
 
 def collate_instances(items: Sequence[InstanceItem]) -> InstanceBatch:
     """Stack images and masks, list the boxes."""

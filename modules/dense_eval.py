@@ -39,7 +39,11 @@ from modules.records import CaptionedImage
 from modules.victims.captioner import CaptionObjective, caption_labels, greedy_ids
 from modules.victims.captioner_dense import TokenObjective
 
-__all__ = ["FgsmComparison", "TokenDagEvaluation", "TokenDagImage", "attack_tokens"]
+__all__ = ["FgsmComparison", "NoTargetError", "TokenDagEvaluation", "TokenDagImage", "attack_tokens"]
+
+
+class NoTargetError(RobucapError):
+    """No image's greedy caption has a content word DAG can push to another word of its class."""
 
 
 @dataclass(frozen=True)
@@ -268,8 +272,8 @@ def attack_tokens(
         compare_fgsm: Also run FGSM at DAG's mean L-infinity norm.
 
     Raises:
-        RobucapError: No images, references or ids not one per image, repeated ids, or no image whose caption has
-            a target.
+        RobucapError: No images, references or ids not one per image, or repeated ids.
+        NoTargetError: No image whose caption has a target.
     """
     n = images.shape[0]
     if n == 0 or len(references) != n or len(image_ids) != n or len(set(image_ids)) != n:
@@ -280,7 +284,7 @@ def attack_tokens(
     crafted = _craft(module, images, attack, seed, batch_size, shrink_only)
     attacked = [k for k in range(n) if int(crafted.targets[k]) > 0]
     if not attacked:
-        raise RobucapError(
+        raise NoTargetError(
             f"none of the {n} images' greedy captions has a content word to attack (the captioner says nothing "
             "a word class can change); attack more images or a trained checkpoint"
         )

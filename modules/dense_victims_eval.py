@@ -39,10 +39,18 @@ __all__ = [
     "PERMUTATION_DRAWS",
     "DenseDagEvaluation",
     "DenseDagImage",
+    "Scorer",
     "attack_detector",
     "attack_segmenter",
+    "detection_truth",
+    "detector_scorer",
     "permute_rows_columns",
+    "segmenter_scorer",
 ]
+
+Scorer = Callable[[torch.Tensor], tuple[dict[str, float], list[Any]]]
+"""Scores a victim on a set of images (``(N, 3, H, W)`` in [0, 1], in the order of its ground truth): its metrics
+(``map50`` and ``map``, or ``miou``) and its per-image outputs (detections, or predicted class maps)."""
 
 PERMUTATION_DRAWS = 3
 """Random permutations of ``r`` averaged in the permuted control (the paper: "three times")."""
@@ -286,7 +294,21 @@ def attack_detector(
     attacked, skipped = _craft(batches, attack, objective_of, lambda b, i: len(b.boxes[i]) > 0, seed, device)
     if not attacked.ids:
         return None
-    targets = [_detection_target(batch, i) for batch, i in attacked.truth]
+    score = detector_scorer(module, [detection_truth(batch, i) for batch, i in attacked.truth], batch_size)
+    return _evaluate(attacked, skipped, "detector", score, seed)
+
+
+def detector_scorer(
+    module: DetectionModule, truth: Sequence[dict[str, torch.Tensor]], batch_size: int = 16
+) -> Scorer:
+    """The whole detector re-run on images, scored with COCO mAP@0.5 and mAP against ``truth`` (one per image).
+
+    Args:
+        module: The detector, in eval mode, on its device.
+        truth: Per image, the mAP ground truth (:func:`detection_truth`).
+        batch_size: Images detected at once.
+    """
+    device = next(module.parameters()).device
 
     def score(images: torch.Tensor) -> tuple[dict[str, float], list[Any]]:
         found: list[dict[str, torch.Tensor]] = []
@@ -294,13 +316,13 @@ def attack_detector(
             for start in range(0, images.shape[0], batch_size):
                 chunk = module.detect(images[start : start + batch_size].to(device))
                 found += [{k: v.detach().cpu() for k, v in f.items()} for f in chunk]
-        records = [{"pred": f, "target": t} for f, t in zip(found, targets, strict=True)]
+        records = [{"pred": f, "target": t} for f, t in zip(found, truth, strict=True)]
         return mean_average_precision(records), found
 
-    return _evaluate(attacked, skipped, "detector", score, seed)
+    return score
 
 
-def _detection_target(batch: InstanceBatch, i: int) -> dict[str, torch.Tensor]:
+def detection_truth(batch: InstanceBatch, i: int) -> dict[str, torch.Tensor]:
     """The mAP ground truth of one image, crowd boxes marked as such (as the detector's own evaluation does)."""
     crowd = torch.cat([torch.zeros(len(batch.boxes[i])), torch.ones(len(batch.crowd_boxes[i]))]).long()
     return {
@@ -332,7 +354,6 @@ def attack_segmenter(
         The evaluation, or ``None`` when no image has a foreground pixel.
     """
     device = next(module.parameters()).device
-    classes = int(module.hparams.num_classes)
 
     def objective_of(batch: InstanceBatch, keep: list[int], seeds: list[int]) -> DenseObjective:
         return SegmenterObjective(
@@ -346,7 +367,20 @@ def attack_segmenter(
     attacked, skipped = _craft(batches, attack, objective_of, has_objects, seed, device)
     if not attacked.ids:
         return None
-    masks = torch.cat([batch.masks[i : i + 1] for batch, i in attacked.truth])
+    score = segmenter_scorer(module, torch.cat([batch.masks[i : i + 1] for batch, i in attacked.truth]), batch_size)
+    return _evaluate(attacked, skipped, "segmenter", score, seed)
+
+
+def segmenter_scorer(module: SegmentationModule, masks: torch.Tensor, batch_size: int = 16) -> Scorer:
+    """The segmenter on images, scored with mIoU (macro over its classes, background included) against ``masks``.
+
+    Args:
+        module: The segmenter (its forward normalises [0, 1] images), in eval mode, on its device.
+        masks: Ground-truth class maps, one per image. Shape: ``(N, H, W)``.
+        batch_size: Images segmented at once.
+    """
+    device = next(module.parameters()).device
+    classes = int(module.hparams.num_classes)
 
     def score(images: torch.Tensor) -> tuple[dict[str, float], list[Any]]:
         predicted = []
@@ -357,4 +391,4 @@ def attack_segmenter(
         confusion = multiclass_confusion_matrix(prediction, masks, classes, ignore_index=IGNORE_INDEX)
         return {"miou": mean_iou(confusion)}, list(prediction)
 
-    return _evaluate(attacked, skipped, "segmenter", score, seed)
+    return score

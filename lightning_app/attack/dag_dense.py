@@ -29,7 +29,7 @@ from modules.dense_victims_eval import PERMUTATION_DRAWS, DenseDagEvaluation, at
 from modules.detection import DetectionModule
 from modules.segmentation import SegmentationModule
 
-__all__ = ["FIGURE_GAIN", "PAPER_TABLE1", "run_detector", "run_segmenter"]
+__all__ = ["FIGURE_GAIN", "PAPER_TABLE1", "dense_figure", "run_detector", "run_segmenter"]
 
 FIGURE_GAIN = 10.0
 """The perturbation's magnification in the figure, as in the paper's Fig. 1 and 2."""
@@ -210,11 +210,12 @@ def _report(
     shown = min(settings.examples, evaluation.n)
     if shown:
         report.heading("Examples (as the paper's Fig. 1)")
-        report.image(_figure(evaluation, categories, shown), "image and output before and after, perturbation ×10")
+        report.image(dense_figure(evaluation, categories, shown), "image and output before and after, perturbation ×10")
     return report
 
 
-def _figure(evaluation: DenseDagEvaluation, categories: tuple[str, ...], shown: int) -> bytes:
+def dense_figure(evaluation: DenseDagEvaluation, categories: tuple[str, ...], shown: int) -> bytes:
+    """The paper's Fig. 1 for the first ``shown`` attacked images: image, output before and after, perturbation."""
     images: list[torch.Tensor] = []
     captions: list[str] = []
     done = [r for r in evaluation.images if r.objects > 0]
