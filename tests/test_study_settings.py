@@ -15,7 +15,7 @@ from lightning_app.cli import main
 from lightning_app.studies import STUDY_CONFIGS, available_studies
 from lightning_app.studies.base import Study, StudyData
 
-STUDIES = ("freeze", "backdoor", "transfer")
+STUDIES = ("freeze", "backdoor", "transfer", "dense")
 
 
 def _printed(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -192,11 +192,13 @@ class DenseOutcome:
 
 # -- victims --------------------------------------------------------------------------------------------------------
 def _instances(data: dict[str, Any], cfg: DenseStudyConfig) -> InstancesDataModule:
+    # The captions' data module generates shapes at the captioner's side; the instances describe that same dataset.
+    shapes = {"image_size": data["image_size"], **(data.get("shapes") or {})}
     datamodule = InstancesDataModule(
         format=data["format"] if data["format"] in ("shapes", "coco") else "coco", root=data["root"],
         image_size=cfg.victim_image_size, batch_size=cfg.batch_size, eval_batch_size=cfg.attack_batch_size,
         limit_train=cfg.train_images, limit_val=cfg.val_images, limit_test=cfg.test_images,
-        shapes=data.get("shapes"), progress=False,
+        shapes=shapes, progress=False,
     )  # fmt: skip
     datamodule.prepare_data()
     return datamodule
