@@ -50,9 +50,17 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     for kind in ("targeted", "non_targeted"):
         assert set(results["transfer"]["matrix"][kind]) == set(models)
     assert {r["held_out"] for r in results["ensemble"]["rows"]} == set(models)
+    # The dense stage: Table 1 for both victims, transfer rows, into captioning with the baseline as the captioner.
+    dense = results["dense"]
+    assert {"clean_map50", "adv_map50", "perm_map50", "iterations", "p"} <= set(dense["detector"])
+    assert {"clean_miou", "adv_miou", "perm_miou", "iterations", "p"} <= set(dense["segmenter"])
+    assert dense["victims"]["captioner"]["checkpoint"] == "given" and len(dense["transfer"]) >= 8
+    assert {s["perturbation"] for s in dense["into_captioning"]} == {"detector", "segmenter", "detector+segmenter"}
+    assert "captioner" in dense or "content word" in dense["captioner_not_run"]
+    assert results["dense_study"]["config"]["images"] == 3
 
     report = (out / "report.html").read_text()
-    assert "Show-and-Fool" in report and "Stages" in report
+    assert "Show-and-Fool" in report and "Stages" in report and "Dense study" in report
     assert "Baseline" in report and report.count("data:image/png;base64,") >= 2  # curves + test grid
     assert (data / "meta.json").is_file()  # the data was created because it was missing
 

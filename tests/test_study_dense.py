@@ -77,8 +77,7 @@ def test_study_dense_from_checkpoints_with_a_trained_captioner(
     assert all(results["dense"]["victims"][r]["seed"] is None for r in ROLES)
     captioner = results["dense"]["captioner"]
     assert captioner["n"] >= 1 and 0 <= captioner["token_flip_rate"] <= 1 and captioner["max_iterations"] == 20
-    assert set(results["captioner"]) == {"token_flip_rate", "changed", "bleu4_drop", "p"}
-    assert results["captioner"]["p"] == captioner["p"]
+    assert {"token_flip_rate", "changed", "bleu4_drop", "p", "fgsm"} <= set(captioner)
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,18 @@ from jsonargparse import ArgumentParser
 from lightning_app.demo.baseline import stage_baseline, stage_data, training_curves_png
 from lightning_app.demo.context import BaselineSettings, DemoContext, DemoStage, ShowAndFoolSettings
 from lightning_app.demo.show_and_fool import SHOW_AND_FOOL_MODES, ModeTargets, mode_targets, stage_show_and_fool
-from lightning_app.demo.studies import stage_backdoor_study, stage_freeze_study, stage_transfer_study
+from lightning_app.demo.studies import (
+    stage_backdoor_study,
+    stage_dense_study,
+    stage_freeze_study,
+    stage_transfer_study,
+)
 from lightning_app.inputs import shapes_root_for
 from lightning_app.report import Report
 from lightning_app.settings_parser import CONFIGS_DIR, expand_profile, new_parser, parse, settings_block
 from lightning_app.stages import StageRecord, run_stages
 from lightning_app.studies.backdoor import BackdoorStudyConfig
+from lightning_app.studies.dense import DenseStudyConfig
 from lightning_app.studies.freeze import FreezeStudyConfig
 from lightning_app.studies.transfer import TransferStudyConfig
 
@@ -60,6 +66,7 @@ register_stage("freeze_study", stage_freeze_study)
 register_stage("backdoor_study", stage_backdoor_study)
 register_stage("show_and_fool", stage_show_and_fool)
 register_stage("transfer_study", stage_transfer_study)
+register_stage("dense_study", stage_dense_study)
 
 
 def run_demo(ctx: DemoContext) -> DemoContext:
@@ -122,6 +129,9 @@ def demo_parser() -> ArgumentParser:
         BackdoorStudyConfig, "backdoor", skip={"wandb", "cache_dir"}, help="the backdoor study stage"
     )
     parser.add_class_arguments(TransferStudyConfig, "transfer", skip={"seed", "wandb"}, help="the transfer study")
+    parser.add_class_arguments(
+        DenseStudyConfig, "dense", skip={"seed", "wandb", "checkpoints"}, help="the dense study (DAG) stage"
+    )
     return parser
 
 
@@ -137,7 +147,7 @@ def demo_main(argv: list[str]) -> int:
     ctx = DemoContext(
         out=Path(config.out), data_root=Path(data), profile=config.name, seed=config.seed, wandb=config.wandb,
         shapes=dict(config.shapes), baseline=objects.baseline, show_and_fool=objects.show_and_fool,
-        freeze=objects.freeze, backdoor=objects.backdoor, transfer=objects.transfer,
+        freeze=objects.freeze, backdoor=objects.backdoor, transfer=objects.transfer, dense=objects.dense,
     )  # fmt: skip
     ctx.results["settings"] = settings
     run_demo(ctx)

@@ -11,6 +11,7 @@ from datamodules.errors import RobucapError
 from lightning_app.report import Report
 from lightning_app.stages import StageRecord
 from lightning_app.studies.backdoor import BackdoorStudyConfig
+from lightning_app.studies.dense import DenseStudyConfig
 from lightning_app.studies.freeze import FreezeStudyConfig
 from lightning_app.studies.transfer import TransferStudyConfig
 
@@ -77,6 +78,7 @@ class DemoContext:
         freeze: The freeze study's settings (its seed and wandb follow the demo's).
         backdoor: The backdoor study's settings (its wandb follows the demo's; poisoned images go under ``out``).
         transfer: The transfer study's settings (its seed and wandb follow the demo's).
+        dense: The dense study's settings (its seed and wandb follow the demo's; the captioner is the baseline).
         results: The future ``results.json``.
         report: The future ``report.html``.
         state: Objects stages hand to later stages (the data module, the baseline...).
@@ -94,6 +96,7 @@ class DemoContext:
     freeze: FreezeStudyConfig = field(default_factory=FreezeStudyConfig)
     backdoor: BackdoorStudyConfig = field(default_factory=BackdoorStudyConfig)
     transfer: TransferStudyConfig = field(default_factory=TransferStudyConfig)
+    dense: DenseStudyConfig = field(default_factory=DenseStudyConfig)
     results: dict[str, Any] = field(default_factory=dict)
     report: Report = field(default_factory=lambda: Report("robucap demo"))
     state: dict[str, Any] = field(default_factory=dict)

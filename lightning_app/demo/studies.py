@@ -8,7 +8,7 @@ from datamodules.datamodule import CaptionDataModule
 from lightning_app.demo.context import DemoContext
 from lightning_app.training import TrainedCaptioner
 
-__all__ = ["stage_backdoor_study", "stage_freeze_study", "stage_transfer_study"]
+__all__ = ["stage_backdoor_study", "stage_dense_study", "stage_freeze_study", "stage_transfer_study"]
 
 
 def stage_freeze_study(ctx: DemoContext) -> None:
@@ -49,3 +49,16 @@ def stage_transfer_study(ctx: DemoContext) -> None:
     ctx.results["transfer"] = block["transfer"]
     ctx.results["ensemble"] = block["ensemble"]
     ctx.results["transfer_study"] = {k: v for k, v in block.items() if k not in ("transfer", "ensemble")}
+
+
+def stage_dense_study(ctx: DemoContext) -> None:
+    """DAG (Xie et al. 2017) on a detector and a segmenter trained here, transfer, and into the demo's baseline."""
+    from lightning_app.studies.dense import run_and_report
+
+    cfg = replace(ctx.dense, seed=ctx.seed, wandb=ctx.wandb, checkpoints={})
+    datamodule: CaptionDataModule = ctx.state["datamodule"]
+    data = {"format": "coco", "root": str(ctx.data_root), "image_size": datamodule.image_size}
+    base: TrainedCaptioner = ctx.state["baseline"]
+    block = run_and_report(data, ctx.out / "dense_study", cfg, ctx.report, captioner=base.module)
+    ctx.results["dense"] = block["dense"]
+    ctx.results["dense_study"] = {k: v for k, v in block.items() if k != "dense"}

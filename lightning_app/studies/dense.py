@@ -171,8 +171,8 @@ class DenseOutcome:
     """A finished dense study: its results.json entries and what the report draws from.
 
     Attributes:
-        results: ``dense`` (``detector``, ``segmenter``, ``captioner``, ``transfer``, ``into_captioning``,
-            ``victims``), ``captioner`` (the DAG-on-tokens figures), ``config``, ``seconds``.
+        results: ``dataset``, ``dense`` (``detector``, ``segmenter``, ``captioner``, ``transfer``,
+            ``into_captioning``, ``victims``, ``image_ids``), ``config``, ``seconds``.
         detector: Table 1 on the source detector.
         segmenter: Table 1 on the source segmenter.
         captioner: DAG on the captioner, or ``None`` when not run.
@@ -422,7 +422,6 @@ def _results(
     results: dict[str, Any] = {"dataset": captions.describe(), "dense": dense}
     if tokens is not None:
         dense["captioner"] = {**attack, "max_iterations": cfg.captioner_iterations, **tokens.scores()}
-        results["captioner"] = {k: dense["captioner"][k] for k in ("token_flip_rate", "changed", "bleu4_drop", "p")}
     results["config"] = asdict(cfg)
     results["seconds"] = round(time.perf_counter() - start, 1)
     return results
@@ -453,7 +452,7 @@ class DenseStudy(Study[DenseStudyConfig, DenseOutcome]):
         report_dense_study(report, outcome)
 
     def results(self, outcome: DenseOutcome) -> dict[str, Any]:
-        """``dataset``, ``dense``, ``captioner``, ``config`` and ``seconds``."""
+        """``dataset``, ``dense``, ``config`` and ``seconds``."""
         return outcome.results
 
     def summary(self, results: dict[str, Any]) -> str:
