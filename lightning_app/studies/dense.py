@@ -28,24 +28,22 @@ Attacks and scoring live in :mod:`modules`; this file trains or loads, calls and
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from datamodules.instances import IGNORE_INDEX, InstanceBatch, InstancesDataModule
-from lightning_app.dense_training import train_victim
 from lightning_app.report import Report
 from lightning_app.studies.base import Study, StudyData
 from lightning_app.studies.dense_report import report_dense_study, summary
-from lightning_app.training import train_captioner
-from modules.attacks.dag import DAG, PAPER_GAMMA
+from lightning_app.studies.dense_settings import ROLES, DenseStudyConfig
+from lightning_app.studies.dense_victims import DenseVictims, instances_module, prepare_victims
+from modules.attacks.dag import DAG
 from modules.captioning import CaptioningModule
-from modules.dense import DenseVictimModule, read_victim
 from modules.dense_eval import NoTargetError, TokenDagEvaluation, attack_tokens
 from modules.dense_transfer import (
     CaptionShift,
@@ -64,106 +62,8 @@ from modules.dense_victims_eval import (
     detector_scorer,
     segmenter_scorer,
 )
-from modules.detection import DETECTOR_ARCHITECTURES, DetectionModule
-from modules.segmentation import SEGMENTER_ARCHITECTURES, SegmentationModule
 
 __all__ = ["ROLES", "STUDY", "DenseOutcome", "DenseStudyConfig", "DenseVictims", "run_dense_study"]
-
-ROLES = ("detector", "detector_2", "segmenter", "segmenter_2", "captioner")
-"""The victims of the study, by role (``--study.checkpoints`` keys)."""
-
-
-@dataclass
-class DenseStudyConfig:
-    """Settings of the dense study."""
-
-    victim_image_size: int = 128
-    """Input side of the detectors and segmenters, in pixels (the shapes' 64 px images are upsampled)."""
-    train_images: int | None = None
-    """Training images of every victim (the first N; ``None``: all)."""
-    val_images: int | None = 500
-    """Validation images for model selection (the first N)."""
-    test_images: int | None = 1000
-    """Test images each trained victim is scored on (the first N)."""
-    images: int = 16
-    """Test images attacked: the first N with a ground-truth object."""
-    detector_epochs: int = 2
-    """Training epochs of each detector."""
-    segmenter_epochs: int = 2
-    """Training epochs of each segmenter."""
-    captioner_epochs: int = 3
-    """Training epochs of the captioner."""
-    batch_size: int = 16
-    """Training batch size of the detectors and segmenters (the captioner: 64)."""
-    detector_arch: str = "small"
-    """Architecture of both detectors (:data:`~modules.detection.DETECTOR_ARCHITECTURES`)."""
-    segmenter_arch: str = "small"
-    """Architecture of the source segmenter."""
-    other_segmenter_arch: str = "lraspp_mobilenet_v3_large"
-    """Architecture of ``segmenter_2`` (transfer across architectures; a torchvision builder, random init)."""
-    gamma: float = PAPER_GAMMA
-    """DAG's step in [0, 1] pixel units (the paper's 0.5 / 255)."""
-    detector_iterations: int = 150
-    """DAG's ``M_0`` on the detector (the paper: 150)."""
-    segmenter_iterations: int = 200
-    """DAG's ``M_0`` on the segmenter (the paper: 200)."""
-    captioner_iterations: int = 200
-    """DAG's ``M_0`` on the captioner's content words."""
-    captioner_dag: bool = True
-    """Also run DAG on the captioner itself (``dense.captioner``)."""
-    attack_batch_size: int = 16
-    """Images attacked (and scored) at once."""
-    seed: int = 0
-    """Seed of the sources (``detector_2`` trains with ``seed + 1``), the class permutations and the controls."""
-    checkpoints: dict[str, str] = field(default_factory=dict)
-    """Existing checkpoints to use instead of training, by role (``detector``, ``detector_2``, ``segmenter``,
-    ``segmenter_2``, ``captioner``); roles left out are trained."""
-    wandb: bool = True
-    """Log every training run to W&B (offline without an API key)."""
-
-    def __post_init__(self) -> None:
-        for name in ("train_images", "val_images", "test_images"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise RobucapError(f"--study.{name} must be >= 1 or null, got {value}")
-        epochs = ("detector_epochs", "segmenter_epochs", "captioner_epochs")
-        iterations = ("detector_iterations", "segmenter_iterations", "captioner_iterations")
-        for name in ("images", "batch_size", "attack_batch_size", *epochs, *iterations):
-            if getattr(self, name) < 1:
-                raise RobucapError(f"--study.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.gamma > 0:
-            raise RobucapError(f"--study.gamma (DAG's step, [0, 1] pixel units) must be > 0, got {self.gamma}")
-        if self.victim_image_size < 16:
-            raise RobucapError(f"--study.victim_image_size must be >= 16 pixels, got {self.victim_image_size}")
-        if self.detector_arch not in DETECTOR_ARCHITECTURES:
-            raise RobucapError(
-                f"--study.detector_arch must be one of {', '.join(DETECTOR_ARCHITECTURES)}, got {self.detector_arch!r}"
-            )
-        for name in ("segmenter_arch", "other_segmenter_arch"):
-            if getattr(self, name) not in SEGMENTER_ARCHITECTURES:
-                raise RobucapError(
-                    f"--study.{name} must be one of {', '.join(SEGMENTER_ARCHITECTURES)}, got {getattr(self, name)!r}"
-                )
-        unknown = sorted(set(self.checkpoints) - set(ROLES))
-        if unknown:
-            raise RobucapError(f"--study.checkpoints has unknown roles {unknown}; expected some of {', '.join(ROLES)}")
-
-
-@dataclass
-class DenseVictims:
-    """The study's five victims and how each came to be.
-
-    Attributes:
-        detectors: ``detector`` and ``detector_2``.
-        segmenters: ``segmenter`` and ``segmenter_2``.
-        captioner: The captioner.
-        info: Per role: architecture, seed, checkpoint, training seconds, test metrics (plain JSON).
-    """
-
-    detectors: dict[str, DetectionModule]
-    segmenters: dict[str, SegmentationModule]
-    captioner: CaptioningModule
-    info: dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -188,106 +88,6 @@ class DenseOutcome:
     transfer: list[TransferRow]
     into_captioning: list[CaptionShift]
     categories: tuple[str, ...]
-
-
-# -- victims --------------------------------------------------------------------------------------------------------
-def _instances(data: dict[str, Any], cfg: DenseStudyConfig) -> InstancesDataModule:
-    # The captions' data module generates shapes at the captioner's side; the instances describe that same dataset.
-    shapes = {"image_size": data["image_size"], **(data.get("shapes") or {})}
-    datamodule = InstancesDataModule(
-        format=data["format"] if data["format"] in ("shapes", "coco") else "coco", root=data["root"],
-        image_size=cfg.victim_image_size, batch_size=cfg.batch_size, eval_batch_size=cfg.attack_batch_size,
-        limit_train=cfg.train_images, limit_val=cfg.val_images, limit_test=cfg.test_images,
-        shapes=shapes, progress=False,
-    )  # fmt: skip
-    datamodule.prepare_data()
-    return datamodule
-
-
-def _load_dense(role: str, path: str, kind: type[DenseVictimModule], image_size: int) -> DenseVictimModule:
-    info = read_victim(path)
-    if not Path(path).is_file():
-        raise RobucapError(f"--study.checkpoints.{role}: {path} does not exist")
-    if info is None or info.victim != kind.victim:
-        held = info.victim if info is not None else "no dense victim (a captioner's checkpoint?)"
-        raise RobucapError(f"--study.checkpoints.{role}: {path} holds {held}, expected a {kind.victim}")
-    module = kind.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
-    if int(module.hparams.image_size) != image_size:
-        raise RobucapError(
-            f"--study.checkpoints.{role}: {path} takes {module.hparams.image_size} px images, the study's victims "
-            f"{image_size} px (set --study.victim_image_size)"
-        )
-    return module
-
-
-def _dense_victim(
-    role: str, kind: type[DenseVictimModule], arch: str, seed: int, epochs: int,
-    datamodule: InstancesDataModule, out: Path, cfg: DenseStudyConfig,
-) -> tuple[DenseVictimModule, dict[str, Any]]:  # fmt: skip
-    path = cfg.checkpoints.get(role)
-    if path is not None:
-        module = _load_dense(role, path, kind, cfg.victim_image_size)
-        return module, {"arch": module.hparams.arch, "seed": None, "checkpoint": path}
-    L.seed_everything(seed, workers=True)
-    print(f"[dense study] {role}: {epochs} epochs of {kind.victim} {arch} (seed {seed})")
-    module = kind(arch=arch, num_classes=len(datamodule.categories) + 1, image_size=cfg.victim_image_size)
-    run = train_victim(datamodule, module, out, role, epochs, wandb=cfg.wandb)
-    info = {"arch": arch, "seed": seed, "checkpoint": str(run.checkpoint), "train_seconds": round(run.train_seconds, 1)}
-    return run.module, {**info, "test": run.test}
-
-
-def _captioner(captions: CaptionDataModule, out: Path, cfg: DenseStudyConfig) -> tuple[CaptioningModule, dict]:
-    path = cfg.checkpoints.get("captioner")
-    if path is not None:
-        from lightning_app.export import load_module
-
-        if read_victim(path) is not None:
-            raise RobucapError(f"--study.checkpoints.captioner: {path} holds a {read_victim(path).victim}")
-        module = load_module(path).eval()
-        return module, {"arch": module.architecture, "seed": None, "checkpoint": path}
-    L.seed_everything(cfg.seed, workers=True)
-    print(f"[dense study] captioner: {cfg.captioner_epochs} epochs of vit_gpt2/tiny (seed {cfg.seed})")
-    module = CaptioningModule.with_tokenizer(
-        captions.tokenizer, captioner={"class_path": "vit_gpt2", "init_args": {"preset": "tiny"}},
-        image_size=captions.image_size,
-    )  # fmt: skip
-    run = train_captioner(captions, module, out, "captioner", cfg.captioner_epochs, wandb=cfg.wandb)
-    info = {"arch": "vit_gpt2", "seed": cfg.seed, "checkpoint": str(run.checkpoint)}
-    return run.module.eval(), {**info, "train_seconds": round(run.train_seconds, 1), "test": run.test}
-
-
-def prepare_victims(
-    instances: InstancesDataModule, captions: CaptionDataModule, out: Path, cfg: DenseStudyConfig,
-    captioner: CaptioningModule | None = None,
-) -> DenseVictims:  # fmt: skip
-    """Train (or load) the five victims.
-
-    Args:
-        instances: The instances data at the victims' side.
-        captions: The captions of the same images at the captioner's side.
-        out: Run directory (logs, checkpoints).
-        cfg: Settings.
-        captioner: A trained captioner to use as is (the demo passes its baseline).
-    """
-    specs = {
-        "detector": (DetectionModule, cfg.detector_arch, cfg.seed, cfg.detector_epochs),
-        "detector_2": (DetectionModule, cfg.detector_arch, cfg.seed + 1, cfg.detector_epochs),
-        "segmenter": (SegmentationModule, cfg.segmenter_arch, cfg.seed, cfg.segmenter_epochs),
-        "segmenter_2": (SegmentationModule, cfg.other_segmenter_arch, cfg.seed, cfg.segmenter_epochs),
-    }
-    modules, info = {}, {}
-    for role, (kind, arch, seed, epochs) in specs.items():
-        modules[role], info[role] = _dense_victim(role, kind, arch, seed, epochs, instances, out, cfg)
-    if captioner is None:
-        captioner, info["captioner"] = _captioner(captions, out, cfg)
-    else:
-        info["captioner"] = {"arch": captioner.architecture, "seed": None, "checkpoint": "given"}
-    return DenseVictims(
-        {r: modules[r] for r in ("detector", "detector_2")},  # type: ignore[misc]
-        {r: modules[r] for r in ("segmenter", "segmenter_2")},  # type: ignore[misc]
-        captioner.eval(),
-        info,
-    )
 
 
 # -- attacked images ------------------------------------------------------------------------------------------------
@@ -369,7 +169,7 @@ def run_dense_study(
     out = Path(out)
     captions = CaptionDataModule(**data, limit_train=cfg.train_images, limit_val=cfg.val_images, progress=False)
     captions.prepare_data()
-    instances = _instances(data, cfg)
+    instances = instances_module(data, cfg)
     victims = prepare_victims(instances, captions, out, cfg, captioner)
     batches = attacked_batches(instances, cfg.images)
     ids = [i for b in batches for i in b.image_ids]
