@@ -266,6 +266,7 @@ def attack_detector(
     seed: int = 0,
     batch_size: int = 16,
     shrink_only: bool = False,
+    reselect_every: int = 0,
 ) -> DenseDagEvaluation | None:
     """DAG on a Faster R-CNN (the paper's dense proposals), then mAP of the whole detector clean / on ``x + r`` /
     on the permuted control.
@@ -278,6 +279,8 @@ def attack_detector(
             generator is seeded with ``seed``.
         batch_size: Images evaluated at once.
         shrink_only: Targets that left the active set never come back (default: the paper's Algorithm 1).
+        reselect_every: Select each image's dense proposals again on the current iterate every this many steps
+            (0: the paper's fixed proposals of the clean image).
 
     Returns:
         The evaluation, or ``None`` when no image has a ground-truth object.
@@ -288,6 +291,7 @@ def attack_detector(
         return DetectorObjective(
             module.model, batch.images[keep].to(device), [batch.boxes[i].to(device) for i in keep],
             [batch.labels[i].to(device) for i in keep], seeds=seeds, shrink_only=shrink_only,
+            reselect_every=reselect_every,
         )  # fmt: skip
 
     # An image with only crowd objects has no target and no mAP ground truth to lose: it is skipped too.
@@ -298,9 +302,7 @@ def attack_detector(
     return _evaluate(attacked, skipped, "detector", score, seed)
 
 
-def detector_scorer(
-    module: DetectionModule, truth: Sequence[dict[str, torch.Tensor]], batch_size: int = 16
-) -> Scorer:
+def detector_scorer(module: DetectionModule, truth: Sequence[dict[str, torch.Tensor]], batch_size: int = 16) -> Scorer:
     """The whole detector re-run on images, scored with COCO mAP@0.5 and mAP against ``truth`` (one per image).
 
     Args:

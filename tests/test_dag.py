@@ -306,6 +306,30 @@ def test_detector_loss_is_differentiable_proposals_stay_fixed_and_the_active_set
     torch.testing.assert_close(result.linf[0], torch.tensor(8 * 2 / 255), rtol=0, atol=1e-6)
 
 
+def test_reselection_is_a_fresh_selection_on_the_iterate_with_the_same_permutation() -> None:
+    model, (x, boxes, labels) = tiny_detector(), detection_batch()
+    objective = DetectorObjective(model, x, boxes, labels, seeds=[3, 4], reselect_every=2)
+    clean = [p.clone() for p in objective.proposals]
+    moved = (x + 0.15 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    objective.refresh(x)  # the clean image's refresh: its targets were just selected
+    objective.refresh(moved)  # one step later: not due yet
+    assert all(torch.equal(a, b) for a, b in zip(clean, objective.proposals, strict=True))
+    assert objective.reselections.tolist() == [0, 0]
+    objective.refresh(moved)  # the second step: due, on the iterate
+    fresh = DetectorObjective(model, moved, boxes, labels, seeds=[3, 4])
+    assert objective.reselections.tolist() == [1, 1]
+    assert not torch.equal(objective.proposals[0], clean[0])
+    for mine, theirs in ((objective.proposals, fresh.proposals), (objective.labels, fresh.labels),
+                         (objective.adversarial, fresh.adversarial)):  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    # Within an iteration the proposals stay fixed: the loss and its gradient never run the RPN.
+    before = [p.clone() for p in objective.proposals]
+    input_gradient(objective, moved)
+    assert all(torch.equal(a, b) for a, b in zip(before, objective.proposals, strict=True))
+    with pytest.raises(RobucapError, match="reselect_every must be an integer >= 0, got -1"):
+        DetectorObjective(model, x, boxes, labels, reselect_every=-1)
+
+
 def test_detector_objective_refuses_bad_input() -> None:
     model, (x, boxes, labels) = tiny_detector(), detection_batch()
     with pytest.raises(RobucapError, match="needs a torchvision FasterRCNN"):

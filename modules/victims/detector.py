@@ -13,6 +13,13 @@ For a torchvision :class:`~torchvision.models.detection.FasterRCNN`:
   box head and predictor. Proposals live in the transform's (resized) coordinates, where the RoI pooling wants
   them; ground-truth boxes are given in the input image's pixels and scaled to match.
 
+**Re-selection (beyond the paper, off by default).** With ``reselect_every = k``, every ``k``-th refresh of an image
+re-runs the dense RPN on the current iterate and selects its targets again with the same rule (IoU > 0.1 to a
+ground-truth box, score > 0.1 for its class, on the iterate), keeping the image's permutation ``pi``. The paper fixes
+the clean image's proposals and relies on their density for the error to reach the proposals the detector makes on
+``X + r`` (section 3.2); a small detector with a coarse anchor grid has few such proposals, and re-selection attacks
+the boxes the detector would now propose. Within an iteration the proposals stay fixed either way.
+
 An image without ground-truth objects (or without a qualifying proposal) has no target: the objective reports it
 done from the start, and :meth:`DetectorObjective.target_counts` is 0 for it (skipped and counted, not an error).
 """
@@ -32,7 +39,7 @@ from torchvision.ops import box_iou
 
 from datamodules.errors import RobucapError
 from modules.attacks.protocol import eval_mode
-from modules.victims.dense import DenseObjective, adversarial_permutation, image_seeds
+from modules.victims.dense import DenseObjective, adversarial_permutation, image_seeds, rows_list
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,13 @@ class DetectorObjective(DenseObjective):
         seeds: Seeds of the per-image class permutations (:func:`~modules.victims.dense.image_seeds`).
         proposals: Proposal density and target selection (:class:`ProposalSettings`; the paper's by default).
         shrink_only: A proposal that left the active set never comes back (default: the paper's recomputed set).
+        reselect_every: Re-select each image's dense proposals on the current iterate every this many refreshes
+            (0: never, the paper's fixed clean proposals; see the module docstring).
 
     Attributes:
-        proposals: Per image, the target proposals in the transform's coordinates, fixed for the whole attack.
-            Shape: ``(N_i, 4)`` each.
+        proposals: Per image, the target proposals in the transform's coordinates (fixed for the whole attack
+            unless ``reselect_every``). Shape: ``(N_i, 4)`` each.
+        reselections: Per image, how many times its targets were selected again. Shape: ``(B,)``.
         proposal_counts: Dense proposals the RPN gave per image (before target selection). Shape: ``(B,)``.
         object_counts: Ground-truth objects per image. Shape: ``(B,)``.
 
@@ -133,7 +143,10 @@ class DetectorObjective(DenseObjective):
         seeds: int | Sequence[int] = 0,
         proposals: ProposalSettings | None = None,
         shrink_only: bool = False,
+        reselect_every: int = 0,
     ) -> None:
+        if isinstance(reselect_every, bool) or not isinstance(reselect_every, int) or reselect_every < 0:
+            raise RobucapError(f"detector DAG reselect_every must be an integer >= 0, got {reselect_every!r}")
         if not isinstance(model, FasterRCNN):
             hint = " (pass the torchvision model inside the Lightning module)" if hasattr(model, "model") else ""
             raise RobucapError(f"a detector objective needs a torchvision FasterRCNN, got {type(model).__name__}{hint}")
@@ -144,29 +157,70 @@ class DetectorObjective(DenseObjective):
         self.num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
         truth = _check_boxes(boxes, labels, pixel_values.shape[0], self.num_classes)
         device = pixel_values.device
-        # The proposals are the clean image's, drawn in eval mode (the RPN needs targets in training mode).
-        with eval_mode(model), torch.no_grad(), dense_rpn(model.rpn, self.settings):
-            images = self._transform(pixel_values)
-            features = self._features(images)
-            dense, _ = model.rpn(images, features)
-            scores = self._class_logits(features, dense, images.image_sizes).softmax(1).split([len(p) for p in dense])
-        self.image_sizes = list(images.image_sizes)
+        dense, scores, sizes = self._dense_proposals(pixel_values)
+        self.image_sizes = sizes
         self.proposal_counts = torch.tensor([len(p) for p in dense], dtype=torch.long)
         self.object_counts = torch.tensor([len(lab) for _, lab in truth], dtype=torch.long)
+        self.reselect_every = reselect_every
+        self.reselections = torch.zeros(pixel_values.shape[0], dtype=torch.long)
+        self._refreshes = [0] * pixel_values.shape[0]
         self.proposals: list[torch.Tensor] = []
+        self._truth: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pis: list[torch.Tensor] = []
         true, adversarial = [], []
         original = pixel_values.shape[-2:]
         for i, seed in enumerate(image_seeds(seeds, pixel_values.shape[0])):
             gt_boxes, gt_labels = truth[i][0].to(device), truth[i][1].to(device)
-            scale = torch.tensor(
-                [self.image_sizes[i][1] / original[1], self.image_sizes[i][0] / original[0]] * 2, device=device
-            )
-            keep, assigned = self._select(dense[i], scores[i], gt_boxes * scale, gt_labels)
-            pi = adversarial_permutation(self.num_classes, seed, background=0).to(device)
+            scale = torch.tensor([sizes[i][1] / original[1], sizes[i][0] / original[0]] * 2, device=device)
+            self._truth.append((gt_boxes * scale, gt_labels))
+            self._pis.append(adversarial_permutation(self.num_classes, seed, background=0).to(device))
+            keep, assigned = self._select(dense[i], scores[i], *self._truth[i])
             self.proposals.append(dense[i][keep])
             true.append(assigned)
-            adversarial.append(pi[assigned])
+            adversarial.append(self._pis[i][assigned])
         super().__init__(model, true, adversarial, shrink_only=shrink_only)
+
+    def _dense_proposals(
+        self, pixel_values: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """Dense proposals of each image, the RoI head's softmax scores on them, and the transformed image sizes.
+
+        Drawn in eval mode without gradients (the RPN needs targets in training mode).
+        """
+        with eval_mode(self.model), torch.no_grad(), dense_rpn(self.model.rpn, self.settings):
+            images = self._transform(pixel_values)
+            features = self._features(images)
+            dense, _ = self.model.rpn(images, features)
+            logits = self._class_logits(features, dense, images.image_sizes)
+        return dense, list(logits.softmax(1).split([len(p) for p in dense])), list(images.image_sizes)
+
+    def refresh(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Re-select the targets of the images that are due (``reselect_every``), then recompute the active set.
+
+        Shape:
+            ``images``: ``(R, 3, H, W)``; returns ``(R,)`` bool: no active target left.
+        """
+        picked = rows_list(rows, self.size)
+        if self.reselect_every:
+            due = [
+                j for j, r in enumerate(picked) if self._refreshes[r] and self._refreshes[r] % self.reselect_every == 0
+            ]
+            for r in picked:
+                self._refreshes[r] += 1
+            if due:
+                self._reselect(images[due], [picked[j] for j in due])
+        return super().refresh(images, rows)
+
+    def _reselect(self, images: torch.Tensor, rows: list[int]) -> None:
+        """Targets of ``rows`` selected again on their current iterates ``images`` (same rule, same ``pi``)."""
+        dense, scores, _ = self._dense_proposals(images)
+        for j, r in enumerate(rows):
+            keep, assigned = self._select(dense[j], scores[j], *self._truth[r])
+            self.proposals[r] = dense[j][keep]
+            self.labels[r] = assigned
+            self.adversarial[r] = self._pis[r][assigned]
+            self.active[r] = torch.ones_like(assigned, dtype=torch.bool)
+            self.reselections[r] += 1
 
     def _select(
         self, proposals: torch.Tensor, scores: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor
