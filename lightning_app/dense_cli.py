@@ -1,33 +1,63 @@
-"""``robucap fit|validate|test|predict`` for the dense victims: LightningCLI over a detector or a segmenter and
-:class:`~datamodules.instances.InstancesDataModule`.
+"""``robucap fit|validate|test|predict`` for the modules that are not captioners: LightningCLI over a detector or a
+segmenter and :class:`~datamodules.instances.InstancesDataModule`, or over a part-pretraining module and its data
+(:data:`KINDS`).
 
 The command routes here (:func:`dense_victim`) when a ``--config`` file's ``model.class_path`` (or ``--model``) names
-a dense victim, or, with no model named, when ``--ckpt_path`` holds one; captioner configs keep going to
-:class:`~lightning_app.lightning_cli.RobucapCLI` unchanged. Defaults: ``configs/defaults.yaml`` (loggers, root
-directory), then ``configs/defaults_<victim>.yaml`` (the model class and the callbacks that apply to it).
+one of :data:`VICTIM_CLASSES`, or, with no model named, when ``--ckpt_path`` holds one; captioner configs keep going
+to :class:`~lightning_app.lightning_cli.RobucapCLI` unchanged. Defaults: ``configs/defaults.yaml`` (loggers, root
+directory), then ``configs/defaults_<kind>.yaml`` (the model class and the callbacks that apply to it).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.errors import RobucapError
 from datamodules.instances import InstancesDataModule
+from datamodules.pretraining import CaptionTextDataModule, ShapesAttributesDataModule
 from lightning_app.lightning_cli import DEFAULTS_FILE, SUBCOMMANDS, LoggedConfigCallback, place_logs_under_root
 from lightning_app.quiet import quiet_evaluation
 from modules.dense import DenseVictimModule, read_victim
+from modules.pretraining import DecoderPretraining, EncoderPretraining
 
-__all__ = ["VICTIM_CLASSES", "DenseCLI", "dense_victim", "victim_defaults"]
+__all__ = ["KINDS", "VICTIM_CLASSES", "DenseCLI", "ModuleKind", "dense_victim", "victim_defaults"]
 
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """A kind of LightningModule other than a captioner that ``robucap fit|validate|test|predict`` runs.
+
+    Attributes:
+        model: Base class of its modules (a config's ``model.class_path`` names it or a subclass).
+        datamodule: The data module it trains on.
+        image_size_link: ``data.image_size`` also sets ``model.init_args.image_size``.
+    """
+
+    model: type[L.LightningModule]
+    datamodule: type[L.LightningDataModule]
+    image_size_link: bool = True
+
+
+# The non-captioner modules: class_path -> kind. A module's checkpoint marker (modules.dense.VICTIM_KEY) names its kind.
 VICTIM_CLASSES = {
     "modules.detection.DetectionModule": "detector",
     "modules.segmentation.SegmentationModule": "segmenter",
+    "modules.pretraining.encoder.EncoderPretraining": "encoder_pretraining",
+    "modules.pretraining.decoder.DecoderPretraining": "decoder_pretraining",
+}
+KINDS = {
+    "detector": ModuleKind(DenseVictimModule, InstancesDataModule),
+    "segmenter": ModuleKind(DenseVictimModule, InstancesDataModule),
+    "encoder_pretraining": ModuleKind(EncoderPretraining, ShapesAttributesDataModule),
+    "decoder_pretraining": ModuleKind(DecoderPretraining, CaptionTextDataModule, image_size_link=False),
 }
 _CONFIG_FLAGS = ("--config", "-c")
 
@@ -96,13 +126,14 @@ def _victim_of(model: Any) -> str | None:
 
 
 class DenseCLI(LightningCLI):
-    """LightningCLI for a detector or a segmenter, with robucap's loggers, checkpoints and seed.
+    """LightningCLI for a detector, a segmenter or a part-pretraining module (:data:`KINDS`), with robucap's
+    loggers, checkpoints and seed.
 
     Starting from ``--ckpt_path`` the checkpoint decides the model (its class and every setting, image size
     included); a checkpoint of another victim, or a captioner's, is refused in one line.
 
     Args:
-        victim: ``detector`` or ``segmenter``.
+        victim: A key of :data:`KINDS` (``detector``, ``segmenter``, ``encoder_pretraining``, ...).
         args: Arguments starting with the subcommand; ``None`` reads ``sys.argv``.
         run: Run the subcommand.
     """
@@ -110,9 +141,10 @@ class DenseCLI(LightningCLI):
     def __init__(self, victim: str, args: list[str] | None = None, run: bool = True) -> None:
         self.victim = victim
         defaults = [str(path) for path in (DEFAULTS_FILE, victim_defaults(victim)) if path.is_file()]
+        kind = KINDS[victim]
         super().__init__(
-            DenseVictimModule,
-            InstancesDataModule,
+            kind.model,
+            kind.datamodule,
             subclass_mode_model=True,
             save_config_callback=LoggedConfigCallback,
             save_config_kwargs={"overwrite": True},
@@ -124,7 +156,8 @@ class DenseCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.image_size", "model.init_args.image_size")
+        if KINDS[self.victim].image_size_link:
+            parser.link_arguments("data.image_size", "model.init_args.image_size")
 
     def _parse_ckpt_path(self) -> None:
         """Build the checkpoint's model: Lightning's version expects hyper-parameters that only a module built by

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_app.dense_cli import DenseCLI, dense_victim
+from lightning_app.dense_cli import KINDS, VICTIM_CLASSES, DenseCLI, dense_victim
 from lightning_app.lightning_cli import RobucapCLI
 from modules.captioners import resolve_captioner_settings
 
@@ -29,12 +29,17 @@ CAPTIONERS = {
     "experiment/shapes_backdoor.yaml": ("show_attend_tell", "tiny"),
     "experiment/shapes_tiny.yaml": ("vit_gpt2", "tiny"),
 }
-# Configs of the dense victims, parsed by DenseCLI (lightning_app/dense_cli.py), and the victim each selects.
+# Configs of the dense victims and the pretraining modules, parsed by DenseCLI (lightning_app/dense_cli.py), and the
+# kind each selects.
 DENSE = {
     "defaults_detector.yaml": "detector",
     "defaults_segmenter.yaml": "segmenter",
+    "defaults_encoder_pretraining.yaml": "encoder_pretraining",
+    "defaults_decoder_pretraining.yaml": "decoder_pretraining",
     "experiment/shapes_detector.yaml": "detector",
     "experiment/shapes_segmenter.yaml": "segmenter",
+    "experiment/shapes_pretrain_encoder.yaml": "encoder_pretraining",
+    "experiment/shapes_pretrain_decoder.yaml": "decoder_pretraining",
 }
 
 
@@ -54,9 +59,10 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path, monkeypatc
     victim = dense_victim(["fit", *args])
     assert victim == DENSE.get(config.relative_to(ROOT).as_posix())
     cli = RobucapCLI(args=args, run=False) if victim is None else DenseCLI(victim, args=args, run=False)
-    assert cli.model.hparams.image_size == cli.datamodule.image_size  # the link data.image_size -> model.image_size
+    if victim is None or KINDS[victim].image_size_link:
+        assert cli.model.hparams.image_size == cli.datamodule.image_size  # the link data.image_size -> model.image_size
     if victim is not None:
-        assert cli.model.victim == victim
+        assert VICTIM_CLASSES[f"{type(cli.model).__module__}.{type(cli.model).__qualname__}"] == victim
         return
     assert cli.trainer is not None
     expected = CAPTIONERS.get(config.relative_to(ROOT).as_posix())

@@ -285,6 +285,8 @@ def _build_pretrained(
             )
     else:
         raise RobucapError("preset 'pretrained' needs pretrained_dir, or both encoder_dir and decoder_dir")
+    # from_pretrained returns the model in eval mode; a captioner starts in training mode, as the presets do.
+    model.train()
     expected = int(model.config.encoder.image_size)
     if expected != image_size:
         raise RobucapError(
