@@ -87,6 +87,9 @@ def test_study_dense_from_checkpoints_with_a_trained_captioner(
         (["--study.gamma", "0"], "--study.gamma (DAG's step, [0, 1] pixel units) must be > 0, got 0.0"),
         (["--study.detector_iterations", "0"], "--study.detector_iterations must be >= 1, got 0"),
         (["--study.other_segmenter_arch", "unet"], "--study.other_segmenter_arch must be one of"),
+        (["--study.transfer_victims", "false", "--study.checkpoints", '{"segmenter_2": "x.ckpt"}'],
+         "gives detector_2 or segmenter_2 but --study.transfer_victims is false"),
+        (["--study.detector_reselect_every", "-1"], "--study.detector_reselect_every must be >= 0, got -1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(

@@ -149,6 +149,8 @@ def _transfer(
     ]  # fmt: skip
     rows = []
     for source, r, target, relation in plan:
+        if target not in scorers:  # the second training run and architecture are optional (transfer_victims)
+            continue
         score, metric = scorers[target]
         rows.append(transfer_row(source, target, relation, clean, r, score, metric, seed))
     return rows
@@ -177,7 +179,10 @@ def run_dense_study(
     print(f"[dense study] DAG on the detector and the segmenter, {len(ids)} images")
     det_attack = DAG(gamma=cfg.gamma, max_iterations=cfg.detector_iterations)
     seg_attack = DAG(gamma=cfg.gamma, max_iterations=cfg.segmenter_iterations)
-    det = attack_detector(victims.detectors["detector"], batches, det_attack, cfg.seed, cfg.attack_batch_size)
+    det = attack_detector(
+        victims.detectors["detector"], batches, det_attack, cfg.seed, cfg.attack_batch_size,
+        reselect_every=cfg.detector_reselect_every,
+    )  # fmt: skip
     seg = attack_segmenter(victims.segmenters["segmenter"], batches, seg_attack, cfg.seed, cfg.attack_batch_size)
     assert det is not None and seg is not None  # every kept image has an object and a foreground pixel
     transfer = _transfer(victims, batches, det, seg, cfg.seed, cfg.attack_batch_size)
@@ -214,7 +219,12 @@ def _results(
     dense: dict[str, Any] = {
         "victims": victims.info,
         "image_ids": ids,
-        "detector": {**attack, "max_iterations": cfg.detector_iterations, **det.scores()},
+        "detector": {
+            **attack,
+            "max_iterations": cfg.detector_iterations,
+            "reselect_every": cfg.detector_reselect_every,
+            **det.scores(),
+        },  # fmt: skip
         "segmenter": {**attack, "max_iterations": cfg.segmenter_iterations, **seg.scores()},
         "transfer": [row.to_json() for row in transfer],
         "into_captioning": [shift.to_json() for shift in shifts],

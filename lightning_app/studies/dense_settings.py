@@ -41,6 +41,9 @@ class DenseStudyConfig:
     """Architecture of both detectors (:data:`~modules.detection.DETECTOR_ARCHITECTURES`)."""
     segmenter_arch: str = "small"
     """Architecture of the source segmenter."""
+    transfer_victims: bool = True
+    """Also train (or load) ``detector_2`` and ``segmenter_2`` for the transfer across training runs and
+    architectures; ``false``: the two sources only (task transfer and the summed perturbation remain)."""
     other_segmenter_arch: str = "lraspp_mobilenet_v3_large"
     """Architecture of ``segmenter_2`` (transfer across architectures; a torchvision builder, random init)."""
     gamma: float = PAPER_GAMMA
@@ -51,6 +54,9 @@ class DenseStudyConfig:
     """DAG's ``M_0`` on the segmenter (the paper: 200)."""
     captioner_iterations: int = 200
     """DAG's ``M_0`` on the captioner's content words."""
+    detector_reselect_every: int = 0
+    """Select the detector's dense proposals again on the current iterate every N steps (0: the paper's fixed
+    proposals of the clean image; beyond the paper, see docs/dense.md)."""
     captioner_dag: bool = True
     """Also run DAG on the captioner itself (``dense.captioner``)."""
     attack_batch_size: int = 16
@@ -73,6 +79,8 @@ class DenseStudyConfig:
         for name in ("images", "batch_size", "attack_batch_size", *epochs, *iterations):
             if getattr(self, name) < 1:
                 raise RobucapError(f"--study.{name} must be >= 1, got {getattr(self, name)}")
+        if self.detector_reselect_every < 0:
+            raise RobucapError(f"--study.detector_reselect_every must be >= 0, got {self.detector_reselect_every}")
         if not self.gamma > 0:
             raise RobucapError(f"--study.gamma (DAG's step, [0, 1] pixel units) must be > 0, got {self.gamma}")
         if self.victim_image_size < 16:
@@ -86,6 +94,10 @@ class DenseStudyConfig:
                 raise RobucapError(
                     f"--study.{name} must be one of {', '.join(SEGMENTER_ARCHITECTURES)}, got {getattr(self, name)!r}"
                 )
+        if not self.transfer_victims and {"detector_2", "segmenter_2"} & set(self.checkpoints):
+            raise RobucapError(
+                "--study.checkpoints gives detector_2 or segmenter_2 but --study.transfer_victims is false"
+            )
         unknown = sorted(set(self.checkpoints) - set(ROLES))
         if unknown:
             raise RobucapError(f"--study.checkpoints has unknown roles {unknown}; expected some of {', '.join(ROLES)}")

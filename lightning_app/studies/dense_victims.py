@@ -27,8 +27,8 @@ class DenseVictims:
     """The study's five victims and how each came to be.
 
     Attributes:
-        detectors: ``detector`` and ``detector_2``.
-        segmenters: ``segmenter`` and ``segmenter_2``.
+        detectors: ``detector`` and (``transfer_victims``) ``detector_2``.
+        segmenters: ``segmenter`` and (``transfer_victims``) ``segmenter_2``.
         captioner: The captioner.
         info: Per role: architecture, seed, checkpoint, training seconds, test metrics (plain JSON).
     """
@@ -123,6 +123,8 @@ def prepare_victims(
         "segmenter": (SegmentationModule, cfg.segmenter_arch, cfg.seed, cfg.segmenter_epochs),
         "segmenter_2": (SegmentationModule, cfg.other_segmenter_arch, cfg.seed, cfg.segmenter_epochs),
     }
+    if not cfg.transfer_victims:
+        del specs["detector_2"], specs["segmenter_2"]
     modules, info = {}, {}
     for role, (kind, arch, seed, epochs) in specs.items():
         modules[role], info[role] = _dense_victim(role, kind, arch, seed, epochs, instances, out, cfg)
@@ -131,8 +133,8 @@ def prepare_victims(
     else:
         info["captioner"] = {"arch": captioner.architecture, "seed": None, "checkpoint": "given"}
     return DenseVictims(
-        {r: modules[r] for r in ("detector", "detector_2")},  # type: ignore[misc]
-        {r: modules[r] for r in ("segmenter", "segmenter_2")},  # type: ignore[misc]
+        {r: modules[r] for r in ("detector", "detector_2") if r in modules},  # type: ignore[misc]
+        {r: modules[r] for r in ("segmenter", "segmenter_2") if r in modules},  # type: ignore[misc]
         captioner.eval(),
         info,
     )
