@@ -183,6 +183,8 @@ def run_ensemble(
     image_ids: Sequence[Hashable],
     targets: Sequence[str] | None = None,
     batch_size: int = 32,
+    objective: str = "mixture",
+    margin: float = 1.0,
 ) -> EnsembleRun:
     """Craft adversarial images on the ensemble of ``members`` and evaluate them on every one of ``modules``.
 
@@ -196,6 +198,8 @@ def run_ensemble(
         image_ids: One unique id per image.
         targets: One target caption per image for a targeted attack.
         batch_size: Images attacked (and captioned) at once.
+        objective: How the members combine (``mixture``, ``sum_loglik``, ``sum_margin``; :func:`caption_ensemble`).
+        margin: Confidence ``kappa`` of the ``sum_margin`` members.
 
     Raises:
         RobucapError: Targets not one per image, a target the vocabulary cannot express, or what
@@ -214,8 +218,10 @@ def run_ensemble(
             if targets is None
             else [target_caption_ids(first.tokenizer, t) for t in targets[start : start + len(x)]]
         )
-        objective = caption_ensemble(captioners, x, ids, max_new_tokens=first.hparams.max_new_tokens)
-        adversarial.append(attack(objective, x).adversarial.cpu())
+        goal = caption_ensemble(
+            captioners, x, ids, max_new_tokens=first.hparams.max_new_tokens, objective=objective, margin=margin
+        )
+        adversarial.append(attack(goal, x).adversarial.cpu())
     adv = torch.cat(adversarial)
     evaluations = [evaluate_attack(m, images, adv, references, image_ids, targets, batch_size) for m in modules]
     return EnsembleRun(adversarial=adv, targets=None if targets is None else list(targets), models=evaluations)

@@ -22,6 +22,7 @@ from modules.captioners import ARCHITECTURES
 from modules.captioning import CaptioningModule
 from modules.transfer import TransferCell, TransferMatrix, rmsd_255, transfer_matrix
 from modules.victims.captioner import CaptionObjective, caption_ensemble, different_vocabularies
+from modules.victims.ensemble import EnsembleObjectiveName, check_ensemble_objective
 
 __all__ = [
     "ENSEMBLE_METHODS",
@@ -89,6 +90,11 @@ class TransferStudyConfig:
     """Adam learning rate of the optimisation attacks, in tanh space (sets the distortion with lambda = 0)."""
     distance_weight: float = 0.0
     """Lambda of the optimisation attacks (Liu et al. 2017: 0)."""
+    ensemble_objective: EnsembleObjectiveName = "sum_margin"
+    """How the targeted leave-one-out ensembles combine their members: ``sum_margin`` (the members' Show-and-Fool margin
+    losses added up, confidence ``margin``: every member must give the target; the best member hit and the least
+    distortion measured, docs/attacks.md), ``sum_loglik`` (their target log-likelihood losses added up) or ``mixture``
+    (Liu et al. 2017's eq. 6, satisfied by the easiest member). The non-targeted ensembles always use the mixture."""
     fast_rmsd: float | None = None
     """RMSD (0-255) the FG / FGS budgets aim at; ``None``: that of the optimisation attack of the same row."""
     attack_batch_size: int = 64
@@ -112,6 +118,7 @@ class TransferStudyConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RobucapError(f"transfer study {name} must be >= 1 or null, got {value}")
+        check_ensemble_objective(self.ensemble_objective, "transfer study ensemble_objective")
         if self.fast_rmsd is not None and not 0 < self.fast_rmsd <= 255:
             raise RobucapError(f"transfer study fast_rmsd must be in (0, 255] (0-255 scale), got {self.fast_rmsd}")
         if self.checkpoints is not None:
@@ -258,13 +265,18 @@ def _shared_vocabulary(models: dict[str, CaptioningModule]) -> bool:
     return not different_vocabularies([m.tokenizer for m in models.values()])
 
 
-def _on_ensemble(attack: Attack, captioners: list[Any], max_new_tokens: int) -> Any:
+def _on_ensemble(
+    attack: Attack, captioners: list[Any], max_new_tokens: int, objective: str = "mixture", margin: float = 1.0
+) -> Any:
     """``fn(images, targets=None)`` for :func:`batched`: ``attack``'s images against the captioners' ensemble
-    objective (Liu et al. 2017, eq. 6; targeted when target ids are given)."""
+    objective (``objective``: Liu et al. 2017's eq. 6 mixture or a sum over the members; targeted when target ids are
+    given)."""
 
     def run(images: torch.Tensor, targets: list[list[int]] | None = None) -> torch.Tensor:
-        objective = caption_ensemble(captioners, images, targets, max_new_tokens=max_new_tokens)
-        return attack(objective, images).adversarial
+        goal = caption_ensemble(
+            captioners, images, targets, max_new_tokens=max_new_tokens, objective=objective, margin=margin
+        )
+        return attack(goal, images).adversarial
 
     return run
 
@@ -344,12 +356,17 @@ def _ensemble_row(
         result.targets[held_out] = {"from_member": members[0], "from": source, "captions": row_targets}
         extra = [[target_caption_ids(models[members[0]].tokenizer, t) for t in row_targets]]
     length = max(models[n].hparams.max_new_tokens for n in members)
-    sets = {"optimization": batched(x, size, _on_ensemble(optimization_attack(cfg), captioners, length), *extra)}
+    objective = cfg.ensemble_objective if targeted else "mixture"
+
+    def crafted(attack: Attack) -> torch.Tensor:
+        return batched(x, size, _on_ensemble(attack, captioners, length, objective, cfg.margin), *extra)
+
+    sets = {"optimization": crafted(optimization_attack(cfg))}
     reference_rmsd = float(rmsd_255(x, sets["optimization"]).mean()) if cfg.fast_rmsd is None else cfg.fast_rmsd
     budgets = fast_budgets(reference_rmsd, x)
     for method in FAST_METHODS:
         attack = build_attack(method, budgets[method])
-        sets[method] = batched(x, size, _on_ensemble(attack, captioners, length), *extra)
+        sets[method] = crafted(attack)
     cells = transfer_matrix(sets, models, x, images.references, images.image_ids, row_targets, size, images.clean)
     transfer = single_model_transfer(single.matrix[kind], members, held_out, targeted)
     for method in ENSEMBLE_METHODS:
@@ -360,6 +377,7 @@ def _ensemble_row(
                 "members": members,
                 "method": method,
                 "targeted": targeted,
+                "objective": objective,
                 "epsilon": budgets.get(method),
                 "epsilon_norm": {"fg": "l2", "fgs": "linf"}.get(method),
                 "rmsd": cells[method][held_out].rmsd,

@@ -67,6 +67,11 @@ def check_dag_settings(settings: DagSettings) -> DAG:
     iterations = settings.max_iterations
     if iterations is not None and iterations < 1:
         raise RobucapError(f"--max_iterations must be >= 1, got {iterations}")
+    if settings.reselect_every < 0:
+        every = settings.reselect_every
+        raise RobucapError(f"--reselect_every must be >= 0 (0: the paper's fixed proposals), got {every}")
+    if settings.reselect_every and settings.victim != "detector":
+        raise RobucapError(f"--reselect_every re-selects a detector's proposals; --victim {settings.victim} has none")
     return DAG(gamma=settings.gamma, max_iterations=iterations or DEFAULT_ITERATIONS[settings.victim])
 
 
@@ -81,9 +86,10 @@ def run_dag_command(settings: DagSettings) -> int:
     attack = check_dag_settings(settings)
     held = checkpoint_victim(settings.ckpt)
     if held != settings.victim:
+        # Only a victim DAG can attack is worth suggesting (a part-pretraining checkpoint is none).
+        hint = f" or --victim {held}" if held in DAG_VICTIMS else ""
         raise RobucapError(
-            f"--ckpt {settings.ckpt} holds a {held}, not a {settings.victim}; give a {settings.victim} checkpoint or "
-            f"--victim {held}"
+            f"--ckpt {settings.ckpt} holds a {held}, not a {settings.victim}; give a {settings.victim} checkpoint{hint}"
         )
     runner = RUNNERS.get(settings.victim)
     if runner is None:

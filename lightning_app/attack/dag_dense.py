@@ -128,7 +128,9 @@ def run_detector(settings: DagSettings, attack: DAG, start: float) -> int:
     """DAG on a Faster R-CNN: mAP clean / adversarial / permuted; writes results.json and the report."""
     module, checkpoint = _load(DetectionModule, settings)
     batches, categories, data = load_instance_batches(settings, module, checkpoint)
-    evaluation = attack_detector(module, batches, attack, settings.seed, settings.batch_size, settings.shrink_only)
+    evaluation = attack_detector(
+        module, batches, attack, settings.seed, settings.batch_size, settings.shrink_only, settings.reselect_every
+    )
     return _write(settings, attack, evaluation, categories, data, start)
 
 

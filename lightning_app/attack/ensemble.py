@@ -1,6 +1,10 @@
 """``robucap attack ensemble``: Liu et al.'s (2017) ensemble attack, crafted on several checkpoints, evaluated on all.
 
-With ``--held_out i`` checkpoint ``i`` is left out of the ensemble and plays the black box.
+With ``--held_out i`` checkpoint ``i`` is left out of the ensemble and plays the black box. ``--objective`` says how
+the members combine (:mod:`modules.victims.ensemble`): eq. 6's mixture, or the sum of the members' target
+log-likelihood or margin losses, which holds only when every member says the target. ``results.json`` records, for a
+targeted attack, ``ensemble.on_members.target_hit`` (share of images on which EVERY member gives the exact target) and
+``ensemble.on_held_out.target_hit``.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from lightning_app.attack.settings import EnsembleSettings, settings_block
 from lightning_app.report import Report
 from modules.attack_eval import EnsembleRun, ensemble_targets, run_ensemble
 from modules.attacks import ENSEMBLE_METHODS, build_attack
+from modules.attacks.base import check_positive
 from modules.captioning import CaptioningModule
 from modules.records import records_to_json
 from modules.victims.captioner import different_vocabularies
 
-__all__ = ["run_ensemble_command"]
+__all__ = ["ensemble_objective", "members_target_hit", "run_ensemble_command"]
 
 
 def _check(settings: EnsembleSettings) -> None:
@@ -38,6 +43,27 @@ def _check(settings: EnsembleSettings) -> None:
         raise RobucapError(f"--method must be one of {', '.join(ENSEMBLE_METHODS)}, got {settings.method!r}")
     if settings.target is not None and not settings.targeted:
         raise RobucapError("--target needs --targeted")
+    if settings.objective == "sum_margin" and not settings.targeted:
+        raise RobucapError(
+            "--objective sum_margin needs --targeted (a margin towards a target caption); use mixture or sum_loglik"
+        )
+    check_positive(settings.margin, "--margin (kappa)")
+
+
+def ensemble_objective(settings: EnsembleSettings) -> str:
+    """The objective the attack runs on: ``--objective``, else ``sum_margin`` (measured best on the members,
+    docs/attacks.md) targeted and ``mixture`` non-targeted."""
+    if settings.objective is not None:
+        return settings.objective
+    return "sum_margin" if settings.targeted else "mixture"
+
+
+def members_target_hit(run: EnsembleRun, members: Sequence[int]) -> float | None:
+    """Share of images whose adversarial caption is the target for EVERY member; ``None`` when untargeted."""
+    if run.targets is None:
+        return None
+    verdicts = [[bool(r.success) for r in run.models[i].records] for i in members]
+    return sum(all(column) for column in zip(*verdicts, strict=True)) / len(verdicts[0])
 
 
 def _same_vocabulary(modules: Sequence[CaptioningModule], paths: Sequence[str]) -> None:
@@ -60,10 +86,12 @@ def run_ensemble_command(settings: EnsembleSettings) -> int:
     device = resolve_device(settings.device)
     modules = [load_module(p, device) for p in paths]
     members = [i for i in range(len(paths)) if i != settings.held_out]
-    reference = settings.held_out if settings.held_out is not None else 0  # whose captions pick targets and examples
+    reference = settings.held_out if settings.held_out is not None else 0  # whose captions the records show
     if settings.targeted:
         _same_vocabulary(modules, paths)
-    options = {k: getattr(settings, k) for k in ("iterations", "lr") if getattr(settings, k) is not None}
+    names = ("iterations", "lr", "distance_weight")
+    options = {k: getattr(settings, k) for k in names if getattr(settings, k) is not None}
+    objective = ensemble_objective(settings)
     attack = build_attack(settings.method, settings.epsilon, **options)
     # Sizes may differ between checkpoints: the data follows the reference model and the attack checks the rest.
     data = load_eval_images(settings, modules[reference], paths[reference])
@@ -71,9 +99,14 @@ def run_ensemble_command(settings: EnsembleSettings) -> int:
     torch.manual_seed(settings.seed)
     targets = None
     if settings.targeted:
-        length = int(modules[reference].hparams.max_new_tokens)
-        targets = ensemble_targets(modules[reference], images, settings.target, settings.seed, length)
-    run = run_ensemble(modules, members, attack, images, data.references, data.image_ids, targets, settings.batch_size)
+        # Paper-style targets from the first member's captions, as the transfer study picks them: a held-out model
+        # is a black box, and a caption it says may be one the members cannot say.
+        length = int(modules[members[0]].hparams.max_new_tokens)
+        targets = ensemble_targets(modules[members[0]], images, settings.target, settings.seed, length)
+    run = run_ensemble(
+        modules, members, attack, images, data.references, data.image_ids, targets, settings.batch_size,
+        objective=objective, margin=settings.margin,
+    )  # fmt: skip
     rows = [
         {"index": i, "checkpoint": p, "role": "member" if i in members else "held_out", **e.scores()}
         for i, (p, e) in enumerate(zip(paths, run.models, strict=True))
@@ -85,13 +118,19 @@ def run_ensemble_command(settings: EnsembleSettings) -> int:
         "epsilon": settings.epsilon,
         "iterations": getattr(attack, "iterations", None),
         "lr": getattr(attack, "lr", None),
+        "distance_weight": getattr(attack, "distance_weight", None),
+        "objective": objective,
+        "margin": settings.margin if objective == "sum_margin" else None,
         "checkpoints": paths,
+        "targets_from": paths[members[0]] if settings.targeted else None,
         "members": members,
         "held_out": settings.held_out,
         "n": int(images.shape[0]),
         "rmsd": run.models[reference].rmsd,
         "models": rows,
         "held_out_result": rows[settings.held_out] if settings.held_out is not None else None,
+        "on_members": {"target_hit": members_target_hit(run, members)},
+        "on_held_out": None if settings.held_out is None else {"target_hit": rows[settings.held_out]["target_rate"]},
         "records": records_to_json(run.models[reference].records),
     }
     results = {
@@ -122,9 +161,13 @@ def _report(
     held = f"; held out (black box): {paths[held_out]}" if held_out is not None else ""
     report.paragraph(
         f"{'Targeted' if settings.targeted else 'Untargeted'} {settings.method} attack crafted on {crafted}{held}; "
-        f"{block['n']} {settings.split} images; mean RMSD {block['rmsd']:.2f} / 255. Every checkpoint captions the "
-        "same adversarial images."
+        f"{block['n']} {settings.split} images; mean RMSD {block['rmsd']:.2f} / 255; objective {block['objective']}. "
+        "Every checkpoint captions the same adversarial images."
     )
+    if block["on_members"]["target_hit"] is not None:
+        report.paragraph(
+            f"Every member gives the exact target on {block['on_members']['target_hit']:.1%} of the images."
+        )
     targeted = run.targets is not None
     report.table(
         ["checkpoint", "role", "BLEU-4 clean", "BLEU-4 attacked", "captions changed"]

@@ -109,15 +109,24 @@ class EnsembleSettings(AttackSettings):
     method: str = "optimization"
     """Attack method: optimization (Adam in tanh space), fg (one L2-normalised step) or fgs (one signed step)."""
     targeted: bool = False
-    """Targeted: every member should say the target (paper-style targets unless target is given)."""
+    """Targeted: every member should say the target (paper-style targets from the first member's captions unless target
+    is given)."""
     target: str | None = None
     """With targeted: one fixed target caption for every image."""
     epsilon: float | None = None
     """Budget of fg (L2) and fgs (L-infinity) in [0, 1] pixel units; not used by optimization."""
+    objective: Literal["mixture", "sum_loglik", "sum_margin"] | None = None
+    """How the members combine: mixture (Liu et al.'s eq. 6, satisfied by the easiest member), sum_loglik (the
+    members' target log-likelihood losses added up) or sum_margin (their Show-and-Fool margin losses, targeted only);
+    default: sum_margin when targeted, mixture when not."""
+    margin: float = 1.0
+    """Confidence kappa of the sum_margin objective: a member whose target logits lead by kappa stops pulling."""
     iterations: int | None = None
     """Optimization iterations (default: the attack's)."""
     lr: float | None = None
     """Optimization learning rate (default: the attack's)."""
+    distance_weight: float | None = None
+    """Optimization lambda, the weight of the squared L2 distortion (default: the attack's, 0 as Liu et al.)."""
 
 
 DAG_VICTIMS: tuple[str, ...] = ("captioner", "detector", "segmenter")
@@ -138,6 +147,9 @@ class DagSettings(AttackSettings):
     """Most DAG steps per image (default: 150 detector, 200 segmenter, 200 captioner)."""
     shrink_only: bool = False
     """A target that left the active set never comes back (default: the paper's active set, recomputed each step)."""
+    reselect_every: int = 0
+    """Detector only: select the dense proposals again on the current image every N steps (0: the paper's fixed
+    proposals of the clean image)."""
     fgsm: bool = True
     """Also run FGSM at the L-infinity norm of DAG's mean perturbation, for comparison (captioner)."""
 

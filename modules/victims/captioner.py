@@ -7,7 +7,8 @@
   (the objective is its negative); targeted, the caption is the target and the attack lowers its loss.
 * :class:`KeywordObjective`: Show-and-Fool's targeted-keyword loss (eq. 8 with the collision gate of eq. 9), whose
   decoder input is the model's own current caption, re-inferred in ``refresh``.
-* :func:`caption_ensemble`: Liu et al. 2017's ensemble objective over several captioners.
+* :func:`caption_ensemble`: Liu et al. 2017's ensemble objective over several captioners: eq. 6's mixture, or a sum
+  of the members' log-likelihood or margin losses that holds only when every member is fooled (``objective``).
 
 Losses (``z_t`` are the teacher-forced next-token logits at position ``t``, ``kappa`` the confidence margin):
 
@@ -33,7 +34,7 @@ from modules.attacks.base import check_count, check_positive
 from modules.attacks.protocol import eval_mode
 from modules.captioners.base import Captioner, caption_loss
 from modules.victims.base import LikelihoodObjective
-from modules.victims.ensemble import EnsembleObjective
+from modules.victims.ensemble import EnsembleObjective, SumEnsembleObjective, check_ensemble_objective
 
 LOSSES: tuple[str, ...] = ("cross_entropy", "log_prob", "logits")
 
@@ -246,6 +247,11 @@ class CaptionObjective(_CaptionerObjective):
         self.margin = check_positive(margin, "margin")
         self.size = labels.shape[0]
 
+    @property
+    def margin_loss(self) -> bool:
+        """The loss is eq. 7's margin, floored at ``-margin`` (what a ``sum_margin`` ensemble sums)."""
+        return self.loss_name == "logits"
+
     @classmethod
     def targeting(
         cls,
@@ -352,6 +358,7 @@ class KeywordObjective(_CaptionerObjective):
     """
 
     moving_target = True
+    margin_loss = True  # eq. 9 is a sum of margins floored at -kappa
 
     def __init__(
         self,
@@ -431,11 +438,14 @@ def caption_ensemble(
     targets: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
     max_new_tokens: int = 32,
+    objective: str = "mixture",
+    margin: float = 1.0,
 ) -> EnsembleObjective:
     """Liu et al. 2017's ensemble objective over captioners, for one batch.
 
     Targeted (``targets`` given), every member is scored on the target caption; non-targeted, each member on its own
-    greedy caption of the clean images. Members score ``log P(caption | x')`` (the summed token log-probability).
+    greedy caption of the clean images. ``mixture`` and ``sum_loglik`` members score ``log P(caption | x')`` (the
+    summed token log-probability); ``sum_margin`` members Show-and-Fool's margin loss (eq. 7, confidence ``margin``).
 
     Args:
         captioners: The white-box members (not DDP wrappers). One member gives the single-model attack.
@@ -443,13 +453,24 @@ def caption_ensemble(
         targets: Per image the target caption's token ids without EOS; ``None``: non-targeted.
         weights: Ensemble weights (> 0); ``None``: equal.
         max_new_tokens: Longest caption generated (clean captions, success).
+        objective: ``mixture`` (eq. 6), ``sum_loglik`` or ``sum_margin`` (targeted only): see
+            :mod:`modules.victims.ensemble`.
+        margin: Confidence ``kappa`` of the ``sum_margin`` members' margin loss (> 0).
 
     Raises:
-        RobucapError: No members, a member that is not a Captioner, members with different image sizes or images of
-            another size (images are not resized: a resize would be part of the attacked function), a targeted
-            ensemble whose members have different vocabularies (a target is one sequence of token ids), or targets
-            that are not one valid token-id list per image.
+        RobucapError: An unknown objective, ``sum_margin`` without targets, ``margin`` not > 0, no members, a member
+            that is not a Captioner, members with different image sizes or images of another size (images are not
+            resized: a resize would be part of the attacked function), a targeted ensemble whose members have
+            different vocabularies (a target is one sequence of token ids), or targets that are not one valid
+            token-id list per image.
     """
+    check_ensemble_objective(objective)
+    if objective == "sum_margin" and targets is None:
+        raise RobucapError(
+            "the sum_margin ensemble objective is targeted only (a margin towards a target caption); use mixture or "
+            "sum_loglik for a non-targeted ensemble"
+        )
+    margin = check_positive(margin, "ensemble margin (kappa)")
     members = list(captioners)
     if not members:
         raise RobucapError("an ensemble needs at least one member captioner, got none")
@@ -472,7 +493,7 @@ def caption_ensemble(
         )
     if targets is None:
         parts = [CaptionObjective.own_captions(m, pixel_values, max_new_tokens=max_new_tokens) for m in members]
-        return EnsembleObjective(parts, weights)
+        return _combine(parts, weights, objective)
     for i, member in enumerate(members[1:], start=1):
         if member.vocab != members[0].vocab:
             raise RobucapError(
@@ -481,8 +502,18 @@ def caption_ensemble(
             )
     if len(targets) != pixel_values.shape[0]:
         raise RobucapError(f"ensemble: expected one target per image ({pixel_values.shape[0]}), got {len(targets)}")
+    loss = "logits" if objective == "sum_margin" else "log_prob"
     parts = [
-        CaptionObjective.targeting(m, targets, max_new_tokens=max_new_tokens, device=pixel_values.device)
+        CaptionObjective.targeting(
+            m, targets, loss=loss, margin=margin, max_new_tokens=max_new_tokens, device=pixel_values.device
+        )
         for m in members
     ]
-    return EnsembleObjective(parts, weights)
+    return _combine(parts, weights, objective)
+
+
+def _combine(parts: Sequence[CaptionObjective], weights: Sequence[float] | None, objective: str) -> EnsembleObjective:
+    """Eq. 6's mixture, or the members' losses summed."""
+    if objective == "mixture":
+        return EnsembleObjective(parts, weights)
+    return SumEnsembleObjective(parts, weights, objective)
