@@ -10,7 +10,15 @@ import pytest
 from datamodules.errors import RobucapError
 from lightning_app.cli import main
 from lightning_app.studies.base import StudyData
-from lightning_app.studies.freeze import PHASES, FreezeStudy, FreezeStudyConfig
+from lightning_app.studies.freeze import FREEZE_DECODER_CROSS, PHASES, FreezeStudy, FreezeStudyConfig
+from lightning_app.studies.freeze_pretrained import (
+    GROUPS,
+    Parts,
+    check_part_dirs,
+    make_parts,
+    parameter_groups,
+    resolve_parts,
+)
 
 BLEU = {"bleu1", "bleu2", "bleu3", "bleu4"}
 
@@ -35,7 +43,9 @@ def test_study_freeze_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
                 assert set(row["std"][split][kind]) == BLEU
         assert row["trainable_params"] > 0 and row["train_seconds"] > 0
         assert row["test"]["n_images"] == 8 and row["train"]["n_images"] == 8
-    assert rows["freeze_encoder"]["trials"] == 2 and rows["baseline"]["trials"] == 1
+    assert rows["freeze_encoder"]["trials"] == rows["adversarial_only"]["trials"] == 2
+    assert rows["baseline"]["trials"] == 1 and block["regimes"]["baseline"]["cross_attention"] == "decoder"
+    assert block["regimes"]["baseline"]["rows"] == block["rows"] and block["regimes"]["baseline"]["parts"] is None
     assert rows["freeze_encoder"]["trainable_params"] < rows["adversarial_training"]["trainable_params"]
     assert rows["freeze_decoder"]["trainable_params"] < rows["adversarial_training"]["trainable_params"]
     html = (out / "report.html").read_text()
@@ -88,3 +98,131 @@ def test_bad_settings(kwargs: dict, message: str) -> None:
 
     with pytest.raises(RobucapError, match=message):
         FreezeStudyConfig(**kwargs)
+
+
+# -- the pretrained-parts regime (--study.start pretrained) ---------------------------------------------------------
+
+SMOKE_SHAPES = {"n_train": 48, "n_val": 8, "n_test": 8}  # configs/study/freeze_smoke.yaml's data
+
+
+@pytest.fixture(scope="module")
+def smoke_parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Parts]:
+    """The smoke profile's shapes data (32 px) and parts pretrained on it by the study's own pretraining."""
+    from datamodules.datamodule import CaptionDataModule
+
+    base = tmp_path_factory.mktemp("freeze_pretrained")
+    root = base / "shapes"
+    dm = CaptionDataModule(format="shapes", root=str(root), image_size=32, shapes=SMOKE_SHAPES, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    settings = {"encoder_epochs": 1.0, "decoder_epochs": 1.0, "lr": 2e-3, "batch_size": 16}
+    parts = make_parts(dm, base / "study", settings)
+    return root, parts
+
+
+def test_the_study_pretrains_the_parts_under_its_directory(smoke_parts: tuple[Path, Parts]) -> None:
+    root, parts = smoke_parts
+    assert parts.made_here and parts.settings["encoder_epochs"] == 1.0 and parts.seconds > 0
+    assert parts.encoder_dir.endswith("study/parts/encoder") and parts.decoder_dir.endswith("study/parts/decoder")
+    assert json.loads((Path(parts.encoder_dir) / "config.json").read_text())["model_type"] == "vit"
+    assert json.loads((Path(parts.decoder_dir) / "config.json").read_text())["model_type"] == "gpt2"
+    check_part_dirs(parts.encoder_dir, parts.decoder_dir)  # the study's own check accepts them
+
+
+def _pretrained_args(out: Path, root: Path, parts: Parts, *extra: str) -> list[str]:
+    return ["study", "freeze", "--out", str(out), "--profile", "smoke", "--data.root", str(root),
+            "--data.image_size", "32", "--study.wandb", "false", "--study.start", "pretrained",
+            "--study.encoder_dir", parts.encoder_dir, "--study.decoder_dir", parts.decoder_dir, *extra]  # fmt: skip
+
+
+def test_study_freeze_pretrained_regime_smoke(smoke_parts: tuple[Path, Parts], tmp_path: Path) -> None:
+    root, parts = smoke_parts
+    out = tmp_path / "study"
+    args = _pretrained_args(out, root, parts, "--study.trials", "1", "--study.cross_attention", "both")
+    assert main(args) == 0
+    block = json.loads((out / "results.json").read_text())["freeze_study"]
+    assert block["config"]["start"] == "pretrained" and list(block["regimes"]) == ["pretrained"]
+    regime = block["regimes"]["pretrained"]
+    assert regime["cross_attention"] == "both"
+    assert regime["rows"] == block["rows"] and regime["new_groups"] == ["cross_attention", "projection"]
+    assert regime["parts"]["made_here"] is False and regime["parts"]["encoder_dir"] == parts.encoder_dir
+    rows = {r["name"]: r for r in block["rows"]}
+    assert list(rows) == [*PHASES, FREEZE_DECODER_CROSS]
+    groups = {name: row["parameter_groups"] for name, row in rows.items()}
+    for name, row in rows.items():
+        assert row["trials"] == 1 and row["test"]["n_images"] == 8 and row["train_seconds"] > 0
+        assert set(row["parameter_groups"]) == set(GROUPS)
+        assert row["trainable_params"] == sum(g["trainable"] for g in groups[name].values())
+        cross = groups[name]["cross_attention"]
+        assert cross["new"] is True and cross["params"] > 0 and groups[name]["encoder"]["new"] is False
+        # Only freezing the whole decoder freezes its new cross-attention.
+        assert cross["trainable"] == (0 if name == "freeze_decoder" else cross["params"])
+    assert groups["freeze_encoder"]["encoder"]["trainable"] == 0
+    for name in ("freeze_decoder", FREEZE_DECODER_CROSS):
+        assert groups[name]["decoder_blocks"]["trainable"] == groups[name]["embeddings"]["trainable"] == 0
+        assert groups[name]["encoder"]["trainable"] == groups[name]["encoder"]["params"]
+    assert rows["baseline"]["checkpoint"].endswith("pretrained_baseline/best.ckpt")
+    assert "Regime: pretrained" in (out / "report.html").read_text()
+
+
+def _swap(parts: Parts) -> list[str]:
+    return ["--study.encoder_dir", parts.decoder_dir, "--study.decoder_dir", parts.encoder_dir]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (lambda p: _swap(p), "--study.encoder_dir {dec} holds a 'gpt2' model; expected a ViT ('vit')"),
+        (
+            lambda p: ["--study.encoder_dir", "/no/such/dir"],
+            "--study.encoder_dir /no/such/dir is not a save_pretrained directory (no config.json there)",
+        ),
+        (
+            lambda p: ["--study.arch", "show_attend_tell"],
+            "--study.start pretrained needs --study.arch vit_gpt2 (pretrained ViT + GPT-2 parts), not show_attend_tell",
+        ),
+        (
+            lambda p: ["--study.start", "baseline"],
+            "--study.encoder_dir / --study.decoder_dir need --study.start pretrained",
+        ),
+        (
+            lambda p: ["--study.cross_attention", "encoder"],
+            "--study.cross_attention must be one of ['auto', 'decoder', 'trainable', 'both'], got 'encoder'",
+        ),
+    ],
+    ids=["swapped", "missing", "show_attend_tell", "dirs_without_pretrained", "cross_attention"],
+)
+def test_bad_pretrained_settings_are_one_line_errors(
+    smoke_parts: tuple[Path, Parts], tmp_path: Path, capsys: pytest.CaptureFixture[str], extra, message: str
+) -> None:
+    root, parts = smoke_parts
+    assert main(_pretrained_args(tmp_path / "study", root, parts, *extra(parts))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "robucap: error: " + message.format(dec=parts.decoder_dir)
+
+
+def test_one_part_directory_without_the_other() -> None:
+    with pytest.raises(RobucapError, match="--study.encoder_dir and --study.decoder_dir go together"):
+        FreezeStudyConfig(start="pretrained", decoder_dir="somewhere")
+
+
+def test_a_decoder_with_another_vocabulary_is_refused(smoke_parts: tuple[Path, Parts], tmp_path: Path) -> None:
+    from datamodules.datamodule import CaptionDataModule
+    from datamodules.tokenizer import build_word_tokenizer
+
+    root, parts = smoke_parts
+    dm = CaptionDataModule(format="shapes", root=str(root), image_size=32, shapes=SMOKE_SHAPES, progress=False)
+    dm.tokenizer = build_word_tokenizer(["a small red zebra"])
+    with pytest.raises(RobucapError, match="has another tokenizer than the study's data"):
+        resolve_parts(dm, tmp_path, parts.encoder_dir, parts.decoder_dir, {})
+
+
+def test_parameter_groups_cover_every_parameter_once() -> None:
+    from datamodules.tokenizer import build_word_tokenizer
+    from modules.captioning import CaptioningModule
+
+    module = CaptioningModule.with_tokenizer(build_word_tokenizer(["a red circle"]), image_size=32)
+    groups = parameter_groups(module.captioner)
+    assert sum(g["params"] for g in groups.values()) == sum(p.numel() for p in module.captioner.parameters())
+    assert groups["cross_attention"]["params"] > 0 and groups["projection"]["params"] == 0  # tiny: equal widths
+    assert all(g["trainable"] == g["params"] and not g["new"] for g in groups.values())

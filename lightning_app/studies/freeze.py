@@ -6,10 +6,13 @@
 4. ``freeze_encoder``: as 3 with the vision encoder frozen (paper: "freezing ViT").
 5. ``freeze_decoder``: as 3 with the language decoder frozen, cross-attention included (paper: "freezing GPT").
 
-Rashid & Rivas 2024 starts every phase from pretrained ViT and GPT-2. Here the baseline plays that role: phases 2-5
-start from the baseline's weights and fine-tune for ``finetune_epochs`` — freezing a randomly initialised part
-would test nothing. Phases 4 and 5 run ``trials`` times with different seeds (mean ± std). Every row is scored on a
-fixed subset of training images and on the test split, clean and under FGSM (white-box against that row's model).
+Two regimes (``start``). ``baseline`` (default): the baseline plays the pretrained model's role; phases 2-5 start
+from its weights and fine-tune for ``finetune_epochs``. ``pretrained``: as Rashid & Rivas 2024 start from pretrained
+ViT and GPT-2, every phase (the baseline's clean fine-tuning included) starts from separately pretrained parts joined
+by new cross-attention (``freeze_pretrained.py``) and trains for ``pretrained_epochs``. Every phase but the baseline
+regime's baseline runs ``trials`` times (mean ± std). Every row is scored on a fixed subset of training images and on
+the test split, clean and under FGSM (white-box against that row's model), and records which parameter groups it
+trained.
 """
 
 from __future__ import annotations
@@ -24,29 +27,28 @@ import lightning as L
 
 from callbacks.adversarial_training import AdversarialTraining
 from callbacks.freeze import FreezeDecoder, FreezeEncoder
-from callbacks.image_grid import caption_grid_png, difference_gain, difference_image, figure_png, pyplot
+from callbacks.freeze_cross_attention import FreezeDecoderKeepCrossAttention
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
 from lightning_app.report import Report
 from lightning_app.studies.base import Study, StudyData
+from lightning_app.studies.freeze_pretrained import (
+    ParameterGroups,
+    Parts,
+    check_part_dirs,
+    parameter_groups,
+    resolve_parts,
+)
+from lightning_app.studies.freeze_report import example_grid_png, report_freeze_study
+from lightning_app.studies.freeze_scores import mean_std, score, zero_std
 from lightning_app.training import train_captioner
-from modules.attacks import FGSM
 from modules.attacks.base import check_epsilon
 from modules.captioning import CaptioningModule
-from modules.captions import caption_batches
-from modules.evaluation import bleu_of, evaluation_loader
-from modules.victims.captioner import CaptionObjective
 
 PHASES = ("baseline", "adversarial_only", "adversarial_training", "freeze_encoder", "freeze_decoder")
-BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
-# Rashid & Rivas 2024, Table 2 (Flickr8k, BLEU, train / test); the paper gives one BLEU figure per cell.
-PAPER_002_FLICKR8K = {
-    "baseline": (0.285, 0.232),
-    "adversarial_only": (0.164, 0.143),
-    "adversarial_training": (0.217, 0.215),
-    "freeze_encoder": (0.200, 0.181),
-    "freeze_decoder": (0.060, 0.050),
-}
+CROSS_ATTENTION = ("auto", "decoder", "trainable", "both")
+# The extra row of cross_attention='both': the decoder frozen, its cross-attention trained.
+FREEZE_DECODER_CROSS = "freeze_decoder_train_cross_attention"
 
 
 @dataclass
@@ -60,7 +62,7 @@ class FreezeStudyConfig:
     finetune_epochs: float = 0.5
     """Epochs of each fine-tuning phase (fractions allowed: a share of the training batches)."""
     trials: int = 3
-    """Seeds for the freeze phases (mean ± std)."""
+    """Seeds per phase (mean ± std); the baseline regime's baseline is trained once."""
     train_eval_images: int = 500
     """Training images scored per row (the first N of the training split)."""
     test_eval_images: int | None = None
@@ -77,9 +79,53 @@ class FreezeStudyConfig:
     """Seed of the baseline and of the first trial."""
     wandb: bool = True
     """Log every run to W&B (offline without an API key)."""
+    arch: str = "vit_gpt2"
+    """Captioner (``tiny`` preset): ``vit_gpt2`` or ``show_attend_tell`` (``start: baseline`` only)."""
+    start: str = "baseline"
+    """``baseline``: phases 2-5 fine-tune a captioning-trained baseline. ``pretrained``: every phase starts from
+    pretrained encoder and decoder parts joined by new cross-attention (Rashid & Rivas 2024's regime)."""
+    encoder_dir: str | None = None
+    """``start: pretrained``: ``save_pretrained`` directory of the ViT encoder (with ``decoder_dir``); ``None``: the
+    study pretrains both parts itself under ``<out>/parts`` with the ``pretrain_*`` settings."""
+    decoder_dir: str | None = None
+    """``start: pretrained``: ``save_pretrained`` directory of the GPT-2 decoder and its tokenizer (the data's)."""
+    pretrained_epochs: float = 0.3
+    """``start: pretrained``: epochs of every phase from the parts (fractions allowed), at ``lr``."""
+    cross_attention: str = "auto"
+    """Which part cross-attention belongs to when the decoder is frozen: ``decoder`` (frozen with it),
+    ``trainable`` (trained with the encoder), ``both`` (one row each) or ``auto`` (``both`` from pretrained parts,
+    whose cross-attention is new; ``decoder`` in the baseline regime, as before)."""
+    pretrain_encoder_epochs: float = 4.0
+    """Epochs of the encoder pretraining when the study makes the parts (shapes data only)."""
+    pretrain_decoder_epochs: float = 1.0
+    """Epochs of the decoder pretraining (causal language modelling of the training captions) when made here."""
+
+    @property
+    def cross_attention_rows(self) -> str:
+        """``cross_attention`` with ``auto`` resolved for this regime."""
+        if self.cross_attention == "auto":
+            return "both" if self.start == "pretrained" else "decoder"
+        return self.cross_attention
 
     def __post_init__(self) -> None:
         check_epsilon(self.epsilon)
+        if self.start not in ("baseline", "pretrained"):
+            raise RobucapError(f"--study.start must be 'baseline' or 'pretrained', got {self.start!r}")
+        if self.arch not in ("vit_gpt2", "show_attend_tell"):
+            raise RobucapError(f"--study.arch must be 'vit_gpt2' or 'show_attend_tell', got {self.arch!r}")
+        if self.start == "pretrained" and self.arch != "vit_gpt2":
+            raise RobucapError(
+                f"--study.start pretrained needs --study.arch vit_gpt2 (pretrained ViT + GPT-2 parts), not {self.arch}"
+            )
+        if self.cross_attention not in CROSS_ATTENTION:
+            raise RobucapError(
+                f"--study.cross_attention must be one of {list(CROSS_ATTENTION)}, got {self.cross_attention!r}"
+            )
+        if self.start == "baseline" and (self.encoder_dir or self.decoder_dir):
+            raise RobucapError("--study.encoder_dir / --study.decoder_dir need --study.start pretrained")
+        check_part_dirs(self.encoder_dir, self.decoder_dir)
+        if min(self.pretrained_epochs, self.pretrain_encoder_epochs, self.pretrain_decoder_epochs) <= 0:
+            raise RobucapError("freeze study pretrained_epochs and pretrain_*_epochs must be > 0")
         if self.trials < 1:
             raise RobucapError(f"freeze study trials must be >= 1, got {self.trials}")
         if self.baseline_epochs < 1 or self.finetune_epochs <= 0:
@@ -101,35 +147,103 @@ class Row:
     train_seconds: float
     checkpoint: str = ""
     runs: list[dict[str, Any]] = field(default_factory=list)
+    parameter_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def score(module: CaptioningModule, datamodule: CaptionDataModule, cfg: FreezeStudyConfig) -> dict[str, Any]:
-    """Clean and FGSM BLEU-1..4 on the training subset and the test split."""
-    attack = FGSM(cfg.epsilon)
-    result: dict[str, Any] = {}
-    train_view = datamodule.eval_dataset("train")
-    for split, dataset, limit in (
-        ("train", train_view, cfg.train_eval_images),
-        ("test", datamodule.datasets["test"], cfg.test_eval_images),
-    ):
-        loader = evaluation_loader(module, dataset, limit, batch_size=128)
-        clean = caption_batches(module, loader)
-        adversarial = caption_batches(module, loader, attack=attack)
-        result[split] = {"clean": bleu_of(clean), "adversarial": bleu_of(adversarial), "n_images": len(clean)}
-    return result
+@dataclass
+class Phase:
+    """One phase's plan: name, AdversarialTraining mode (``None``: clean training), freeze callback, trials."""
+
+    name: str
+    mode: str | None
+    freeze: type[L.Callback] | None
+    trials: int
 
 
-def _mean_std(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    mean: dict[str, Any] = {}
-    std: dict[str, Any] = {}
-    for split in ("train", "test"):
-        mean[split], std[split] = {}, {}
-        for kind in ("clean", "adversarial"):
-            values = {k: [r["scores"][split][kind][k] for r in runs] for k in BLEU}
-            mean[split][kind] = {k: statistics.fmean(v) for k, v in values.items()}
-            std[split][kind] = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
-        mean[split]["n_images"] = runs[0]["scores"][split]["n_images"]
-    return mean, std
+@dataclass
+class StartPoint:
+    """Where the phases start: the baseline's checkpoint (baseline regime) or the pretrained parts."""
+
+    checkpoint: Path | None
+    parts: Parts | None = None
+    prefix: str = ""
+    new_groups: frozenset[str] = frozenset()
+
+
+def _phases(cfg: FreezeStudyConfig) -> list[Phase]:
+    """Phases 2-5 (and the extra cross-attention row), each ``trials`` times; in the pretrained regime also phase 1
+    (the baseline regime's baseline is one model, shared by the phases that fine-tune it)."""
+    keep = {"decoder": FreezeDecoder, "trainable": FreezeDecoderKeepCrossAttention, "both": FreezeDecoder}
+    plans = [Phase("baseline", None, None, cfg.trials)] if cfg.start == "pretrained" else []
+    plans += [
+        Phase("adversarial_only", cfg.adversarial_only_mode, None, cfg.trials),
+        Phase("adversarial_training", "mixed", None, cfg.trials),
+        Phase("freeze_encoder", "mixed", FreezeEncoder, cfg.trials),
+        Phase("freeze_decoder", "mixed", keep[cfg.cross_attention_rows], cfg.trials),
+    ]
+    if cfg.cross_attention_rows == "both":
+        plans.append(Phase(FREEZE_DECODER_CROSS, "mixed", FreezeDecoderKeepCrossAttention, cfg.trials))
+    return plans
+
+
+def _new_module(datamodule: CaptionDataModule, cfg: FreezeStudyConfig, parts: Parts | None) -> CaptioningModule:
+    """A captioner from the pretrained parts (new cross-attention), or at random (the baseline regime's baseline)."""
+    if parts is None:
+        init_args: dict[str, Any] = {"preset": "tiny"}
+    else:
+        init_args = {"preset": "pretrained", "encoder_dir": parts.encoder_dir, "decoder_dir": parts.decoder_dir}
+    return CaptioningModule.with_tokenizer(
+        datamodule.tokenizer, captioner={"class_path": cfg.arch, "init_args": init_args},
+        image_size=datamodule.image_size, lr=cfg.lr, warmup_steps=100 if parts is None else 20,
+    )  # fmt: skip
+
+
+def _run_phase(
+    phase: Phase, index: int, datamodule: CaptionDataModule, out: Path, cfg: FreezeStudyConfig, start: StartPoint
+) -> Row:
+    runs: list[dict[str, Any]] = []
+    total = 5 + (cfg.cross_attention_rows == "both")
+    for trial in range(phase.trials):
+        seed = cfg.seed + trial
+        L.seed_everything(seed, workers=True)
+        if start.parts is not None:
+            module, epochs_setting = _new_module(datamodule, cfg, start.parts), cfg.pretrained_epochs
+        else:
+            module = CaptioningModule.load_from_checkpoint(start.checkpoint, map_location="cpu", weights_only=True)
+            module.hparams.lr, module.hparams.warmup_steps = cfg.finetune_lr, 10
+            epochs_setting = cfg.finetune_epochs
+        counter = ParameterGroups(start.new_groups)
+        callbacks: list[L.Callback] = [counter]
+        if phase.mode is not None:
+            static = phase.mode == "static"
+            callbacks.append(
+                AdversarialTraining(
+                    mode=phase.mode, epsilon=cfg.epsilon, checkpoint=str(start.checkpoint) if static else None,
+                    cache_dir=str(out / "cache" / "static_fgsm") if static else None,
+                )
+            )  # fmt: skip
+        if phase.freeze is not None:
+            callbacks.append(phase.freeze())
+        label = f"{start.prefix}{phase.name}" + (f"_seed{seed}" if phase.trials > 1 else "")
+        print(
+            f"[freeze study] phase {index}/{total} {label}: {epochs_setting} epoch(s), {phase.mode or 'clean'} training"
+        )
+        epochs, limit = _epochs(epochs_setting)
+        run = train_captioner(
+            datamodule, module, out, label, epochs, wandb=cfg.wandb, callbacks=callbacks, test=False,
+            trainer_kwargs={"limit_train_batches": limit},
+        )  # fmt: skip
+        if start.parts is not None and phase.name == "baseline" and start.checkpoint is None:
+            start.checkpoint = run.checkpoint  # static FGSM images are crafted against the first baseline
+        runs.append(
+            {"seed": seed, "scores": score(run.module, datamodule, cfg), "seconds": run.train_seconds,
+             "groups": counter.counts, "checkpoint": str(run.checkpoint)}
+        )  # fmt: skip
+    mean, std = mean_std(runs)
+    groups = runs[0]["groups"]
+    return Row(phase.name, mean["train"], mean["test"], phase.trials, std,
+               sum(g["trainable"] for g in groups.values()), round(statistics.fmean(r["seconds"] for r in runs), 1),
+               runs[0]["checkpoint"], [{"seed": r["seed"], **r["scores"]} for r in runs], groups)  # fmt: skip
 
 
 def run_freeze_study(
@@ -140,86 +254,53 @@ def run_freeze_study(
     baseline_checkpoint: Path | None = None,
     baseline_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Run the five phases and return the ``freeze_study`` block of ``results.json``.
+    """Run the phases of ``cfg.start``'s regime and return the ``freeze_study`` block of ``results.json``.
 
     Args:
         datamodule: Data, set up for ``fit`` and ``test``.
-        out: Directory for logs and checkpoints.
+        out: Directory for logs and checkpoints (and ``parts`` when the study pretrains them).
         cfg: Study settings.
-        baseline: An already trained baseline (the demo passes its own) with its checkpoint and training seconds.
+        baseline: An already trained baseline (the demo passes its own) with its checkpoint and training seconds;
+            ignored in the pretrained regime, whose baseline is fine-tuned from the parts.
         baseline_checkpoint: Checkpoint of ``baseline``.
         baseline_seconds: Training seconds of ``baseline``.
     """
     out = Path(out)
     rows: list[Row] = []
-    if baseline is None:
-        L.seed_everything(cfg.seed, workers=True)
-        module = CaptioningModule.with_tokenizer(
-            datamodule.tokenizer, captioner={"class_path": "vit_gpt2", "init_args": {"preset": "tiny"}},
-            image_size=datamodule.image_size, lr=cfg.lr, warmup_steps=100,
-        )  # fmt: skip
-        print(f"[freeze study] phase 1/5 baseline: {cfg.baseline_epochs} epochs")
-        run = train_captioner(datamodule, module, out, "baseline", cfg.baseline_epochs, wandb=cfg.wandb, test=False)
-        baseline, baseline_checkpoint, baseline_seconds = run.module, run.checkpoint, run.train_seconds
-    scores = score(baseline, datamodule, cfg)
-    seconds = round(float(baseline_seconds or 0.0), 1)
-    rows.append(
-        Row("baseline", scores["train"], scores["test"], 1, _zero_std(), _trainable(baseline), seconds,
-            str(baseline_checkpoint))
-    )  # fmt: skip
-
-    plans = [
-        ("adversarial_only", cfg.adversarial_only_mode, None, 1),
-        ("adversarial_training", "mixed", None, 1),
-        ("freeze_encoder", "mixed", FreezeEncoder, cfg.trials),
-        ("freeze_decoder", "mixed", FreezeDecoder, cfg.trials),
-    ]
-    for index, (name, mode, freeze, trials) in enumerate(plans, start=2):
-        runs: list[dict[str, Any]] = []
-        for trial in range(trials):
-            seed = cfg.seed + trial
-            L.seed_everything(seed, workers=True)
-            module = CaptioningModule.load_from_checkpoint(baseline_checkpoint, map_location="cpu", weights_only=True)
-            module.hparams.lr = cfg.finetune_lr
-            module.hparams.warmup_steps = 10
-            callbacks: list[L.Callback] = [
-                AdversarialTraining(
-                    mode=mode,
-                    epsilon=cfg.epsilon,
-                    checkpoint=str(baseline_checkpoint) if mode == "static" else None,
-                    cache_dir=str(out / "cache" / "static_fgsm") if mode == "static" else None,
-                )
-            ]
-            if freeze is not None:
-                callbacks.append(freeze())
-            label = f"{name}_seed{seed}" if trials > 1 else name
-            print(f"[freeze study] phase {index}/5 {label}: {cfg.finetune_epochs} epoch(s) of {mode} FGSM training")
-            epochs, limit = _epochs(cfg.finetune_epochs)
-            run = train_captioner(
-                datamodule, module, out, label, epochs, wandb=cfg.wandb, callbacks=callbacks, test=False,
-                trainer_kwargs={"limit_train_batches": limit},
-            )  # fmt: skip
-            runs.append(
-                {
-                    "seed": seed,
-                    "scores": score(run.module, datamodule, cfg),
-                    "seconds": run.train_seconds,
-                    "trainable": _trainable_after_freeze(run.module, freeze),
-                    "checkpoint": str(run.checkpoint),
-                }
-            )
-        mean, std = _mean_std(runs)
+    regime: dict[str, Any] = {}
+    if cfg.start == "pretrained":
+        settings = {"encoder_epochs": cfg.pretrain_encoder_epochs, "decoder_epochs": cfg.pretrain_decoder_epochs,
+                    "lr": cfg.lr, "batch_size": cfg.batch_size}  # fmt: skip
+        parts = resolve_parts(datamodule, out, cfg.encoder_dir, cfg.decoder_dir, settings)
+        new = frozenset({"cross_attention", "projection"})
+        start = StartPoint(None, parts, "pretrained_", new)
+        regime = {"parts": asdict(parts), "new_groups": sorted(new)}
+    else:
+        if baseline is None:
+            L.seed_everything(cfg.seed, workers=True)
+            module = _new_module(datamodule, cfg, None)
+            print(f"[freeze study] phase 1/5 baseline: {cfg.baseline_epochs} epochs")
+            run = train_captioner(datamodule, module, out, "baseline", cfg.baseline_epochs, wandb=cfg.wandb, test=False)
+            baseline, baseline_checkpoint, baseline_seconds = run.module, run.checkpoint, run.train_seconds
+        scores = score(baseline, datamodule, cfg)
+        groups = parameter_groups(baseline.captioner)
         rows.append(
-            Row(name, mean["train"], mean["test"], trials, std, runs[0]["trainable"],
-                round(statistics.fmean(r["seconds"] for r in runs), 1), runs[0]["checkpoint"],
-                [{"seed": r["seed"], **r["scores"]} for r in runs])
+            Row("baseline", scores["train"], scores["test"], 1, zero_std(), _trainable(baseline),
+                round(float(baseline_seconds or 0.0), 1), str(baseline_checkpoint), [], groups)
         )  # fmt: skip
+        start = StartPoint(Path(str(baseline_checkpoint)))
+        regime = {"parts": None, "new_groups": []}
+    first = 1 if cfg.start == "pretrained" else 2
+    for index, phase in enumerate(_phases(cfg), start=first):
+        rows.append(_run_phase(phase, index, datamodule, out, cfg, start))
+    table = [asdict(r) for r in rows]
     return {
         "epsilon": cfg.epsilon,
         "epsilon_255": round(cfg.epsilon * 255, 2),
         "epsilon_vit_input": cfg.epsilon * 2,
         "config": asdict(cfg),
-        "rows": [asdict(r) for r in rows],
+        "rows": table,
+        "regimes": {cfg.start: {"rows": table, "cross_attention": cfg.cross_attention_rows, **regime}},
     }
 
 
@@ -230,91 +311,8 @@ def _epochs(finetune_epochs: float) -> tuple[int, float | int]:
     return 1, float(finetune_epochs)
 
 
-def _zero_std() -> dict[str, dict[str, dict[str, float]]]:
-    return {s: {k: dict.fromkeys(BLEU, 0.0) for k in ("clean", "adversarial")} for s in ("train", "test")}
-
-
 def _trainable(module: CaptioningModule) -> int:
     return sum(p.numel() for p in module.captioner.parameters() if p.requires_grad)
-
-
-def _trainable_after_freeze(module: CaptioningModule, freeze: type | None) -> int:
-    # The loaded module has every parameter trainable again; count what the freeze callback left trainable.
-    total = sum(p.numel() for p in module.captioner.parameters())
-    if freeze is FreezeEncoder:
-        return total - sum(p.numel() for p in module.captioner.encoder.parameters())
-    if freeze is FreezeDecoder:
-        return total - sum(p.numel() for p in module.captioner.decoder.parameters())
-    return total
-
-
-def report_freeze_study(report: Report, block: dict[str, Any]) -> None:
-    """Add the study's table, bar chart and notes to a report."""
-    eps = block["epsilon"]
-    report.heading("Freeze study (Rashid & Rivas 2024): adversarial training with the encoder or the decoder frozen")
-    report.paragraph(
-        f"FGSM epsilon = {eps} in [0, 1] pixel units = {eps * 255:.1f}/255 = {eps * 2:.2f} on ViT's [-1, 1] input "
-        "(Rashid & Rivas 2024 used 0.1 on that input). Phases 2-5 fine-tune the baseline; attacks are white-box "
-        "against each row's own model, untargeted against the first reference caption. BLEU is pycocoevalcap's corpus "
-        "BLEU."
-    )
-    columns = ["phase", "trials", "train clean B4", "train FGSM B4", "test clean B4", "test FGSM B4", "test B1",
-               "trainable params", "train s", "Rashid & Rivas 2024 train / test"]  # fmt: skip
-    rows = []
-    for r in block["rows"]:
-        std = r["std"]["test"]["adversarial"]["bleu4"]
-        paper = PAPER_002_FLICKR8K.get(r["name"])
-        rows.append(
-            [r["name"], r["trials"], r["train"]["clean"]["bleu4"], r["train"]["adversarial"]["bleu4"],
-             r["test"]["clean"]["bleu4"],
-             f"{r['test']['adversarial']['bleu4']:.4f}" + (f" ± {std:.4f}" if r["trials"] > 1 else ""),
-             r["test"]["clean"]["bleu1"], r["trainable_params"], r["train_seconds"],
-             f"{paper[0]:.3f} / {paper[1]:.3f}" if paper else ""]
-        )  # fmt: skip
-    report.table(columns, rows)
-    report.paragraph(
-        "Rashid & Rivas 2024's figures are Flickr8k BLEU with pretrained ViT + GPT-2 (its Table 2 does not say "
-        "which BLEU order); they are context, not the same experiment.",
-        note=True,
-    )
-    report.image(freeze_chart_png(block), "freeze study bar chart")
-
-
-def freeze_chart_png(block: dict[str, Any]) -> bytes:
-    """Grouped bars of test BLEU-4, clean and FGSM, per phase (error bars = std over trials)."""
-    plt = pyplot()
-    names = [r["name"] for r in block["rows"]]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    for offset, kind, color in ((-0.2, "clean", "#4C72B0"), (0.2, "adversarial", "#DD8452")):
-        values = [r["test"][kind]["bleu4"] for r in block["rows"]]
-        errors = [r["std"]["test"][kind]["bleu4"] for r in block["rows"]]
-        ax.bar([i + offset for i in x], values, 0.4, yerr=errors, label=f"test {kind}", color=color, capsize=3)
-    ax.set_xticks(list(x), [n.replace("_", "\n") for n in names], fontsize=8)
-    ax.set_ylabel("BLEU-4")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title(f"Test BLEU-4, clean vs FGSM (eps = {block['epsilon']})")
-    return figure_png(fig)
-
-
-def example_grid_png(block: dict[str, Any], datamodule: CaptionDataModule, n_images: int = 3) -> bytes:
-    """Original / FGSM / amplified difference for a few test images, baseline vs adversarially trained (Table 1)."""
-    rows = {r["name"]: r for r in block["rows"]}
-    dataset = datamodule.datasets["test"]
-    images, captions = [], []
-    for name in ("baseline", "adversarial_training"):
-        module = CaptioningModule.load_from_checkpoint(rows[name]["checkpoint"], map_location="cpu", weights_only=True)
-        module.eval()
-        batch = next(iter(evaluation_loader(module, dataset, n_images, batch_size=n_images)))
-        clean = batch["pixel_values"]
-        adversarial = FGSM(block["epsilon"])(CaptionObjective(module.captioner, batch["labels"]), clean).adversarial
-        clean_captions, adversarial_captions = module.caption(clean), module.caption(adversarial)
-        amplified = difference_image(clean, adversarial, difference_gain(adversarial - clean, block["epsilon"]))
-        for i in range(clean.shape[0]):
-            images += [clean[i], adversarial[i], amplified[i]]
-            captions += [f"{name}: {clean_captions[i]}", f"FGSM: {adversarial_captions[i]}", "difference (±ε)"]
-    return caption_grid_png(images, captions, columns=3)
 
 
 @dataclass
@@ -348,8 +346,13 @@ class FreezeStudy(Study[FreezeStudyConfig, FreezeOutcome]):
         return settings.seed
 
     def run(self, settings: FreezeStudyConfig, data: StudyData, out: Path) -> FreezeOutcome:
-        """Set up the data and run the five phases."""
-        datamodule = CaptionDataModule(**data.module_options(self.data_seed(settings)), batch_size=settings.batch_size)
+        """Set up the data and run the phases of ``settings.start``'s regime."""
+        # The pretrained decoder's vocabulary is its tokenizer's: the data takes it, as a captioner from gpt2 would.
+        datamodule = CaptionDataModule(
+            **data.module_options(self.data_seed(settings)),
+            batch_size=settings.batch_size,
+            tokenizer=settings.decoder_dir,
+        )
         datamodule.prepare_data()
         datamodule.setup("fit")
         datamodule.setup("test")
