@@ -12,19 +12,16 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import lightning as L
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from datamodules.errors import RobucapError
+from modules.marked_module import VICTIM_KEY, MarkedModule
 from modules.schedules import SCHEDULES
 
 __all__ = ["VICTIM_KEY", "DenseVictimModule", "VictimInfo", "load_local_weights", "read_victim"]
-
-VICTIM_KEY = "robucap_victim"
 
 
 @dataclass(frozen=True)
@@ -110,7 +107,7 @@ def load_local_weights(
         )
 
 
-class DenseVictimModule(L.LightningModule):
+class DenseVictimModule(MarkedModule):
     """Base of the dense victims: AdamW with warm-up and a schedule, a checkpoint marker, a data check.
 
     Subclasses set :attr:`victim` and call ``save_hyperparameters()`` with ``lr``, ``weight_decay``,
@@ -154,26 +151,14 @@ class DenseVictimModule(L.LightningModule):
                 f"{len(categories) + 1} (the categories plus background)"
             )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint[VICTIM_KEY] = {"victim": self.victim, "class_path": f"{cls.__module__}.{cls.__qualname__}"}
+    def marker_kind(self) -> str:
+        """The victim written into the checkpoint."""
+        return self.victim
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        marker = checkpoint.get(VICTIM_KEY)
-        if not isinstance(marker, Mapping) or marker.get("victim") != self.victim:
-            found = marker.get("victim") if isinstance(marker, Mapping) else "no dense victim (a captioner?)"
-            raise RobucapError(f"this checkpoint holds {found}, not a {self.victim}")
+    def marker_expected(self) -> str:
+        """``a detector`` / ``a segmenter``."""
+        return f"a {self.victim}"
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        schedule = SCHEDULES[hp.schedule]
-        scheduler = LambdaLR(optimizer, lambda step: schedule(step, hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def log_lr(self) -> None:
-        """Log the learning rate (here rather than by LearningRateMonitor, which refuses to run without a logger)."""
-        if self._trainer is not None and self.trainer.lr_scheduler_configs:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+    def marker_missing(self) -> str:
+        """A checkpoint without the marker."""
+        return "no dense victim (a captioner?)"

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
-
-import lightning as L
-import torch
-from torch.optim.lr_scheduler import LambdaLR
+from typing import ClassVar
 
 from datamodules.errors import RobucapError
 from modules.captioners.vit_gpt2 import PRESETS
-from modules.dense import VICTIM_KEY
+from modules.marked_module import MarkedModule
 from modules.schedules import SCHEDULES
 
 __all__ = ["EXPORT_SUBDIR", "PretrainingModule", "check_optimiser_settings", "check_preset"]
@@ -56,7 +51,7 @@ def check_preset(preset: str) -> None:
         )
 
 
-class PretrainingModule(L.LightningModule, ABC):
+class PretrainingModule(MarkedModule, ABC):
     """Base of the pretraining modules: AdamW with warm-up and a schedule, a checkpoint marker naming the module
     kind (read by ``robucap validate --ckpt_path``, like a dense victim's), and :meth:`export` at the end of training.
 
@@ -95,26 +90,10 @@ class PretrainingModule(L.LightningModule, ABC):
         out = self.export(self.export_path())
         print(f"robucap: pretrained {self.kind.split('_')[0]} saved to {out}", file=sys.stderr)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint[VICTIM_KEY] = {"victim": self.kind, "class_path": f"{cls.__module__}.{cls.__qualname__}"}
+    def marker_kind(self) -> str:
+        """The kind written into the checkpoint."""
+        return self.kind
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        marker = checkpoint.get(VICTIM_KEY)
-        if not isinstance(marker, Mapping) or marker.get("victim") != self.kind:
-            found = marker.get("victim") if isinstance(marker, Mapping) else "no pretraining module (a captioner?)"
-            raise RobucapError(f"this checkpoint holds {found}, not {self.kind}")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        schedule = SCHEDULES[hp.schedule]
-        scheduler = LambdaLR(optimizer, lambda step: schedule(step, hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def log_lr(self) -> None:
-        """Log the learning rate (here rather than by LearningRateMonitor, which refuses to run without a logger)."""
-        if self._trainer is not None and self.trainer.lr_scheduler_configs:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+    def marker_missing(self) -> str:
+        """A checkpoint without the marker."""
+        return "no pretraining module (a captioner?)"
