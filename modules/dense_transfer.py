@@ -229,6 +229,7 @@ def caption_shift(
     image_ids: Sequence[Hashable],
     seed: int = 0,
     batch_size: int = 64,
+    clean_captions: Sequence[str] | None = None,
 ) -> CaptionShift:
     """Greedy captions of the clean, perturbed and noise-control images, compared.
 
@@ -241,6 +242,8 @@ def caption_shift(
         image_ids: One unique id per image.
         seed: Seed of the noise control.
         batch_size: Images captioned at once.
+        clean_captions: The captioner's greedy captions of ``clean`` when already known (several perturbations of
+            the same images), else they are made here.
 
     Raises:
         RobucapError: No images, references or ids not one per image, or ``r`` not shaped like the images.
@@ -260,7 +263,8 @@ def caption_shift(
     def captions(images: torch.Tensor) -> list[str]:
         return caption_images(module, resize_images(images, side), batch_size, num_beams=1)
 
-    before, after, noise = captions(clean), captions(perturbed), captions(noisy)
+    before = list(clean_captions) if clean_captions is not None else captions(clean)
+    after, noise = captions(perturbed), captions(noisy)
     return CaptionShift(
         perturbation=perturbation,
         n=n,

@@ -44,6 +44,7 @@ from lightning_app.studies.dense_settings import ROLES, DenseStudyConfig
 from lightning_app.studies.dense_victims import DenseVictims, instances_module, prepare_victims
 from modules.attacks.dag import DAG
 from modules.captioning import CaptioningModule
+from modules.captions import caption_images
 from modules.dense_eval import NoTargetError, TokenDagEvaluation, attack_tokens
 from modules.dense_transfer import (
     CaptionShift,
@@ -188,15 +189,19 @@ def run_dense_study(
     transfer = _transfer(victims, batches, det, seg, cfg.seed, cfg.attack_batch_size)
     clean = det.clean_images
     r_det, r_seg = det.adversarial_images - clean, seg.adversarial_images - clean
+    # The clean captions are the same for every perturbation: made once.
+    small = resize_images(clean, int(victims.captioner.hparams.image_size))
+    clean_captions = caption_images(victims.captioner, small, cfg.attack_batch_size, num_beams=1)
     shifts = [
-        caption_shift(victims.captioner, name, clean, r, references, ids, cfg.seed, cfg.attack_batch_size)
+        caption_shift(
+            victims.captioner, name, clean, r, references, ids, cfg.seed, cfg.attack_batch_size, clean_captions
+        )
         for name, r in (("detector", r_det), ("segmenter", r_seg),
                         ("detector+segmenter", summed_perturbation(clean, r_det, r_seg)))
     ]  # fmt: skip
     tokens, not_run = None, None
     if cfg.captioner_dag:
         print("[dense study] DAG on the captioner's content words")
-        small = resize_images(clean, int(victims.captioner.hparams.image_size))
         try:
             tokens = attack_tokens(
                 victims.captioner, small, references, ids,

@@ -53,9 +53,9 @@ def instances_module(data: dict[str, Any], cfg: DenseStudyConfig) -> InstancesDa
 
 
 def _load_dense(role: str, path: str, kind: type[DenseVictimModule], image_size: int) -> DenseVictimModule:
-    info = read_victim(path)
     if not Path(path).is_file():
         raise RobucapError(f"--study.checkpoints.{role}: {path} does not exist")
+    info = read_victim(path)
     if info is None or info.victim != kind.victim:
         held = info.victim if info is not None else "no dense victim (a captioner's checkpoint?)"
         raise RobucapError(f"--study.checkpoints.{role}: {path} holds {held}, expected a {kind.victim}")
@@ -89,8 +89,9 @@ def _captioner(captions: CaptionDataModule, out: Path, cfg: DenseStudyConfig) ->
     if path is not None:
         from lightning_app.export import load_module
 
-        if read_victim(path) is not None:
-            raise RobucapError(f"--study.checkpoints.captioner: {path} holds a {read_victim(path).victim}")
+        dense = read_victim(path)
+        if dense is not None:
+            raise RobucapError(f"--study.checkpoints.captioner: {path} holds a {dense.victim}")
         module = load_module(path).eval()
         return module, {"arch": module.architecture, "seed": None, "checkpoint": path}
     L.seed_everything(cfg.seed, workers=True)
