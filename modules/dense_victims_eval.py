@@ -5,6 +5,12 @@
 
 * the clean images: ``clean_map50`` / ``clean_map`` (detector, torchmetrics' COCO mAP@0.5 and mAP@[0.5:0.95]) or
   ``clean_miou`` (segmenter, macro IoU of the summed confusion matrices);
+* what lies under those scores (not the paper's; they say why a score stays where it is): for the detector
+  ``recall50`` (share of ground-truth objects that a detection of their class overlaps at IoU >= 0.5, at any kept
+  score; mAP ranks detections, so such an object still counts once the false positives above it are passed) and
+  ``top1_50`` (share whose highest-scoring detection at IoU >= 0.5 is of their class, the argmax DAG attacks); for the
+  segmenter ``iou_background`` and ``miou_foreground`` (the mean IoU of the object classes): DAG keeps background
+  pixels as they are, so ``miou`` cannot fall below about ``iou_background / C``;
 * ``x + r``, DAG's adversarial images: ``adv_*``;
 * the **permuted control** (the paper's Table 1): ``x + P(r)``, where ``P`` permutes the rows and the columns of
   each image's perturbation at random (one row and one column permutation per image and draw, the same for the
@@ -25,12 +31,13 @@ from typing import Any
 
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
+from torchvision.ops import box_iou
 
 from datamodules.instances import IGNORE_INDEX, InstanceBatch
 from modules.attacks.dag import DAG, perceptibility
 from modules.attacks.protocol import AttackResult
 from modules.detection import DetectionModule, mean_average_precision
-from modules.segmentation import SegmentationModule, mean_iou
+from modules.segmentation import SegmentationModule, class_iou, mean_iou
 from modules.victims.dense import DenseObjective
 from modules.victims.detector import DetectorObjective
 from modules.victims.segmenter import SegmenterObjective
@@ -43,6 +50,7 @@ __all__ = [
     "attack_detector",
     "attack_segmenter",
     "detection_truth",
+    "object_recall",
     "detector_scorer",
     "permute_rows_columns",
     "segmenter_scorer",
@@ -303,7 +311,8 @@ def attack_detector(
 
 
 def detector_scorer(module: DetectionModule, truth: Sequence[dict[str, torch.Tensor]], batch_size: int = 16) -> Scorer:
-    """The whole detector re-run on images, scored with COCO mAP@0.5 and mAP against ``truth`` (one per image).
+    """The whole detector re-run on images, scored with COCO mAP@0.5 and mAP against ``truth`` (one per image), with
+    :func:`object_recall` beside them.
 
     Args:
         module: The detector, in eval mode, on its device.
@@ -319,9 +328,41 @@ def detector_scorer(module: DetectionModule, truth: Sequence[dict[str, torch.Ten
                 chunk = module.detect(images[start : start + batch_size].to(device))
                 found += [{k: v.detach().cpu() for k, v in f.items()} for f in chunk]
         records = [{"pred": f, "target": t} for f, t in zip(found, truth, strict=True)]
-        return mean_average_precision(records), found
+        return {**mean_average_precision(records), **object_recall(found, truth)}, found
 
     return score
+
+
+def object_recall(
+    found: Sequence[dict[str, torch.Tensor]], truth: Sequence[dict[str, torch.Tensor]], iou: float = 0.5
+) -> dict[str, float]:
+    """How many ground-truth objects the detections still find, and how many they find first (crowd boxes left out).
+
+    Args:
+        found: Per image, the detector's output (``boxes`` xyxy, ``scores``, ``labels``).
+        truth: Per image, the ground truth (:func:`detection_truth`).
+        iou: Overlap a detection needs with an object's box.
+
+    Returns:
+        ``recall50``: share of objects overlapped by a detection of their class (any kept score); ``top1_50``: share
+        whose highest-scoring overlapping detection is of their class. Both -1 without objects.
+    """
+    objects = recalled = first = 0
+    for f, t in zip(found, truth, strict=True):
+        boxes = t["boxes"][t["iscrowd"].eq(0)]
+        labels = t["labels"][t["iscrowd"].eq(0)]
+        objects += len(boxes)
+        if not len(boxes) or not len(f["boxes"]):
+            continue
+        overlap = box_iou(boxes.float(), f["boxes"].float()).ge(iou)  # (objects, detections)
+        same = overlap & f["labels"].unsqueeze(0).eq(labels.unsqueeze(1))
+        recalled += int(same.any(1).sum())
+        # The best detection over each object's box, whatever its class: is it of the object's class?
+        best = f["scores"].unsqueeze(0).expand_as(overlap).masked_fill(~overlap, -1.0).argmax(1)
+        first += int((overlap.any(1) & f["labels"][best].eq(labels)).sum())
+    if not objects:
+        return {"recall50": -1.0, "top1_50": -1.0}
+    return {"recall50": recalled / objects, "top1_50": first / objects}
 
 
 def detection_truth(batch: InstanceBatch, i: int) -> dict[str, torch.Tensor]:
@@ -374,7 +415,8 @@ def attack_segmenter(
 
 
 def segmenter_scorer(module: SegmentationModule, masks: torch.Tensor, batch_size: int = 16) -> Scorer:
-    """The segmenter on images, scored with mIoU (macro over its classes, background included) against ``masks``.
+    """The segmenter on images, scored with mIoU (macro over its classes, background included) against ``masks``,
+    with the background's IoU and the object classes' mean IoU beside it.
 
     Args:
         module: The segmenter (its forward normalises [0, 1] images), in eval mode, on its device.
@@ -391,6 +433,13 @@ def segmenter_scorer(module: SegmentationModule, masks: torch.Tensor, batch_size
                 predicted.append(module(images[start : start + batch_size].to(device)).argmax(1).cpu())
         prediction = torch.cat(predicted)
         confusion = multiclass_confusion_matrix(prediction, masks, classes, ignore_index=IGNORE_INDEX)
-        return {"miou": mean_iou(confusion)}, list(prediction)
+        per_class = class_iou(confusion)
+        foreground = per_class[1:][~per_class[1:].isnan()]
+        figures = {
+            "miou": mean_iou(confusion),
+            "iou_background": float(per_class[0]),
+            "miou_foreground": float(foreground.mean()) if len(foreground) else -1.0,
+        }
+        return figures, list(prediction)
 
     return score

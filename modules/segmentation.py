@@ -32,7 +32,14 @@ from datamodules.instances import IGNORE_INDEX, InstanceBatch
 from modules.dense import DenseVictimModule, load_local_weights
 from modules.metrics import gather_unique
 
-__all__ = ["SEGMENTER_ARCHITECTURES", "SegmentationModule", "SmallSegmenter", "build_segmenter", "mean_iou"]
+__all__ = [
+    "SEGMENTER_ARCHITECTURES",
+    "SegmentationModule",
+    "SmallSegmenter",
+    "build_segmenter",
+    "class_iou",
+    "mean_iou",
+]
 
 SEGMENTER_ARCHITECTURES = (
     "small",
@@ -124,6 +131,19 @@ def mean_iou(confusion: torch.Tensor) -> float:
     metric.update(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     metric.confmat += confusion.to(metric.confmat)
     return float(metric.compute())
+
+
+def class_iou(confusion: torch.Tensor) -> torch.Tensor:
+    """Each class's IoU ``tp / (tp + fp + fn)`` of a confusion matrix summed over images; NaN for a class absent
+    from both the masks and the predictions (the classes :func:`mean_iou`'s macro average leaves out).
+
+    Shape:
+        ``confusion``: ``(C, C)``, rows the true class, columns the predicted one; returns ``(C,)`` float64.
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1.0), torch.full_like(tp, float("nan")))
 
 
 class SegmentationModule(DenseVictimModule):

@@ -98,25 +98,31 @@ def test_detector_table_and_skipped_images(tiny_detector: Path, tiny_root: Path,
     results = _attack(tiny_detector, "detector", tmp_path / "run", "--images", "6", "--batch_size", "4",
                       "--max_iterations", "3")  # fmt: skip
     block = results["dense"]["detector"]
-    attacked = _check_figures(block, ("map50", "map"), 3)
+    attacked = _check_figures(block, ("map50", "map", "recall50", "top1_50"), 3)
     # The last test image has no object: skipped, counted, kept in place among the records.
     assert block["skipped"] == 1 and block["records"][-1]["objects"] == 0 and block["records"][-1]["image_id"] == 6
     assert [r["image_id"] for r in block["records"]] == [1, 2, 3, 4, 5, 6]
     assert all(r["objects"] == 2 for r in attacked) and sum(r["targets"] for r in attacked) > 0
     assert results["data"]["root"] == str(tiny_root) and results["data"]["split"] == "test"
     report = (tmp_path / "run" / "report.html").read_text()
-    assert "mAP@0.5 permuted" in report and "data:image/png" in report
+    assert "mAP@0.5 permuted" in report and "data:image/png" in report and "objects whose best detection" in report
 
 
 def test_segmenter_table_dag_lowers_miou(shapes_segmenter: Path, tmp_path: Path) -> None:
     results = _attack(shapes_segmenter, "segmenter", tmp_path / "run", "--images", "6", "--batch_size", "4",
                       "--max_iterations", "10")  # fmt: skip
     block = results["dense"]["segmenter"]
-    _check_figures(block, ("miou",), 10)
+    _check_figures(block, ("miou", "iou_background", "miou_foreground"), 10)
     # A victim that segments the clean images: DAG, at this step size, must take much of it away.
     assert block["clean_miou"] > 0.2
     assert block["adv_miou"] < block["clean_miou"] - 0.05
-    assert "mIoU DAG" in (tmp_path / "run" / "report.html").read_text()
+    # DAG leaves the background alone: the object classes lose more than the background does.
+    assert (
+        block["clean_miou_foreground"] - block["adv_miou_foreground"]
+        > block["clean_iou_background"] - block["adv_iou_background"]
+    )
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "mIoU DAG" in report and "mean IoU of the object classes" in report
 
 
 def test_segmenter_needs_polygons(shapes_segmenter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -182,6 +182,20 @@ def _write(
     return 0
 
 
+_UNDER_ROWS = {
+    "detector": (("recall50", "objects found by a detection of their class (IoU ≥ 0.5)"),
+                 ("top1_50", "objects whose best detection is of their class")),
+    "segmenter": (("iou_background", "IoU of the background"), ("miou_foreground", "mean IoU of the object classes")),
+}  # fmt: skip
+_UNDER = {
+    "detector": "mAP ranks detections: an object whose own class is still detected at a lower score than a wrong "
+    "class counts once the wrong detections above it are passed. DAG flips the best class (top-1); recall at any "
+    "kept score shows what mAP still finds.",
+    "segmenter": "DAG keeps background pixels as they are, so mIoU (background included, as in the paper) cannot fall "
+    "below about the background's IoU divided by the number of classes.",
+}
+
+
 def _report(
     settings: DagSettings, block: dict[str, Any], evaluation: DenseDagEvaluation, categories: tuple[str, ...]
 ) -> Report:
@@ -209,6 +223,12 @@ def _report(
         row += [evaluation.clean[m], evaluation.adversarial[m], evaluation.permuted[m]]
     row += [evaluation.iterations, f"{evaluation.p:.2e}", evaluation.linf, f"{evaluation.success:.1%}"]
     report.table(columns, [row])
+    report.paragraph(_UNDER[victim], note=True)
+    under = [
+        [label, evaluation.clean[k], evaluation.adversarial[k], evaluation.permuted[k]]
+        for k, label in _UNDER_ROWS[victim]
+    ]
+    report.table(["under the score", "clean", "DAG", "permuted"], under)
     shown = min(settings.examples, evaluation.n)
     if shown:
         report.heading("Examples (as the paper's Fig. 1)")
