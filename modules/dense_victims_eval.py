@@ -275,6 +275,7 @@ def attack_detector(
     batch_size: int = 16,
     shrink_only: bool = False,
     reselect_every: int = 0,
+    margin: float = 0.0,
 ) -> DenseDagEvaluation | None:
     """DAG on a Faster R-CNN (the paper's dense proposals), then mAP of the whole detector clean / on ``x + r`` /
     on the permuted control.
@@ -289,6 +290,7 @@ def attack_detector(
         shrink_only: Targets that left the active set never come back (default: the paper's Algorithm 1).
         reselect_every: Select each image's dense proposals again on the current iterate every this many steps
             (0: the paper's fixed proposals of the clean image).
+        margin: Keep a target active until its true class is this far below the best other class (0: the paper).
 
     Returns:
         The evaluation, or ``None`` when no image has a ground-truth object.
@@ -299,7 +301,7 @@ def attack_detector(
         return DetectorObjective(
             module.model, batch.images[keep].to(device), [batch.boxes[i].to(device) for i in keep],
             [batch.labels[i].to(device) for i in keep], seeds=seeds, shrink_only=shrink_only,
-            reselect_every=reselect_every,
+            reselect_every=reselect_every, margin=margin,
         )  # fmt: skip
 
     # An image with only crowd objects has no target and no mAP ground truth to lose: it is skipped too.
@@ -382,6 +384,7 @@ def attack_segmenter(
     seed: int = 0,
     batch_size: int = 16,
     shrink_only: bool = False,
+    margin: float = 0.0,
 ) -> DenseDagEvaluation | None:
     """DAG on every foreground pixel of a segmenter, then its mIoU clean / on ``x + r`` / on the permuted control.
 
@@ -392,6 +395,7 @@ def attack_segmenter(
         seed: As for :func:`attack_detector`.
         batch_size: Images evaluated at once.
         shrink_only: Targets that left the active set never come back (default: the paper's Algorithm 1).
+        margin: Keep a pixel active until its true class is this far below the best other class (0: the paper).
 
     Returns:
         The evaluation, or ``None`` when no image has a foreground pixel.
@@ -400,8 +404,9 @@ def attack_segmenter(
 
     def objective_of(batch: InstanceBatch, keep: list[int], seeds: list[int]) -> DenseObjective:
         return SegmenterObjective(
-            module, batch.images[keep].to(device), batch.masks[keep].to(device), seeds=seeds, shrink_only=shrink_only
-        )
+            module, batch.images[keep].to(device), batch.masks[keep].to(device), seeds=seeds, shrink_only=shrink_only,
+            margin=margin,
+        )  # fmt: skip
 
     def has_objects(batch: InstanceBatch, i: int) -> bool:
         mask = batch.masks[i]

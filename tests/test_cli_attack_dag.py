@@ -96,6 +96,8 @@ def _dense_checkpoint(path: Path, victim: str) -> Path:
         (["--gamma", "-0.01"], None, "--gamma (DAG's step, [0, 1] pixel units) must be > 0, got -0.01"),
         (["--max_iterations", "0"], None, "--max_iterations must be >= 1, got 0"),
         (["--reselect_every", "-2"], None, "--reselect_every must be >= 0 (0: the paper's fixed proposals), got -2"),
+        (["--victim", "segmenter", "--margin", "-1"], None, "--margin must be >= 0 (0: the paper's rule), got -1.0"),
+        (["--margin", "2"], None, "--margin applies to --victim detector and segmenter; the captioner's DAG has none"),
         (["--victim", "segmenter", "--reselect_every", "5"], None,
          "--reselect_every re-selects a detector's proposals; --victim segmenter has none"),
         (

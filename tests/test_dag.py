@@ -178,6 +178,28 @@ def test_dag_flips_every_target_pixel_and_stops() -> None:
     torch.testing.assert_close(perceptibility(result.l2, SIDE * SIDE), result.l2 / SIDE)
 
 
+def test_a_margin_keeps_targets_active_until_the_true_class_is_that_far_below() -> None:
+    model, x = per_pixel_segmenter(), mid_images(2)
+    paper = SegmenterObjective.own_predictions(model, x)
+    strict = SegmenterObjective.own_predictions(model, x, margin=4.0)
+    paper.refresh(x), strict.refresh(x)
+    assert all(torch.equal(a, b) for a, b in zip(paper.active, strict.active, strict=True))  # clean: top class = true
+    result = DAG(gamma=0.01, max_iterations=400)(strict, x)
+    assert result.success.all() and strict.active_counts().eq(0).all()
+    with torch.no_grad():
+        logits = model(result.adversarial).flatten(2)  # (B, C, pixels)
+    for i in range(x.shape[0]):
+        scores = logits[i][:, strict.pixels[i]].T  # (targets, C)
+        true = strict.labels[i].unsqueeze(1)
+        gap = scores.gather(1, true).squeeze(1) - scores.scatter(1, true, float("-inf")).amax(1)
+        assert gap.le(-4.0).all()  # every target ends at least the margin below the best other class
+    # The paper's rule stops as soon as the top class is wrong: fewer steps, and its targets stay closer.
+    plain = DAG(gamma=0.01, max_iterations=400)(SegmenterObjective.own_predictions(model, x), x)
+    assert plain.success.all() and plain.iterations.lt(result.iterations).all()
+    with pytest.raises(RobucapError, match="margin must be a number >= 0"):
+        SegmenterObjective.own_predictions(model, x, margin=-1.0)
+
+
 def test_the_active_set_never_grows_when_fooled_targets_cannot_revert() -> None:
     """The paper's recomputed active set, on the per-pixel classifier where a fooled pixel can never revert."""
     model, x = per_pixel_segmenter(), mid_images(2)

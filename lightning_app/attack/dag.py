@@ -72,6 +72,10 @@ def check_dag_settings(settings: DagSettings) -> DAG:
         raise RobucapError(f"--reselect_every must be >= 0 (0: the paper's fixed proposals), got {every}")
     if settings.reselect_every and settings.victim != "detector":
         raise RobucapError(f"--reselect_every re-selects a detector's proposals; --victim {settings.victim} has none")
+    if not settings.margin >= 0:
+        raise RobucapError(f"--margin must be >= 0 (0: the paper's rule), got {settings.margin}")
+    if settings.margin and settings.victim == "captioner":
+        raise RobucapError("--margin applies to --victim detector and segmenter; the captioner's DAG has none")
     return DAG(gamma=settings.gamma, max_iterations=iterations or DEFAULT_ITERATIONS[settings.victim])
 
 

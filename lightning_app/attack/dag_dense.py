@@ -129,8 +129,9 @@ def run_detector(settings: DagSettings, attack: DAG, start: float) -> int:
     module, checkpoint = _load(DetectionModule, settings)
     batches, categories, data = load_instance_batches(settings, module, checkpoint)
     evaluation = attack_detector(
-        module, batches, attack, settings.seed, settings.batch_size, settings.shrink_only, settings.reselect_every
-    )
+        module, batches, attack, settings.seed, settings.batch_size, settings.shrink_only, settings.reselect_every,
+        settings.margin,
+    )  # fmt: skip
     return _write(settings, attack, evaluation, categories, data, start)
 
 
@@ -138,7 +139,9 @@ def run_segmenter(settings: DagSettings, attack: DAG, start: float) -> int:
     """DAG on a segmenter's foreground pixels: mIoU clean / adversarial / permuted; writes results.json and report."""
     module, checkpoint = _load(SegmentationModule, settings)
     batches, categories, data = load_instance_batches(settings, module, checkpoint)
-    evaluation = attack_segmenter(module, batches, attack, settings.seed, settings.batch_size, settings.shrink_only)
+    evaluation = attack_segmenter(
+        module, batches, attack, settings.seed, settings.batch_size, settings.shrink_only, settings.margin
+    )
     return _write(settings, attack, evaluation, categories, data, start)
 
 
@@ -161,6 +164,7 @@ def _write(
         "gamma": attack.gamma,
         "gamma_255": attack.gamma * 255,
         "max_iterations": attack.max_iterations,
+        "margin": settings.margin,
         "permutation_draws": PERMUTATION_DRAWS,
         **evaluation.scores(),
         "records": [r.to_json() for r in evaluation.images],
@@ -207,6 +211,12 @@ def _report(
         f"Checkpoint {settings.ckpt}; {evaluation.n} {settings.split} images attacked, {evaluation.skipped} skipped "
         f"(no ground-truth object). Targets: {what}. γ = {fmt(block['gamma'], 6)} in [0, 1] pixel units "
         f"({block['gamma_255']:.2f} / 255), at most {block['max_iterations']} iterations."
+        + (
+            f" Beyond the paper: a target stays active until its true class is {settings.margin:g} logits below the "
+            "best other class (the paper stops at the top class)."
+            if settings.margin
+            else ""
+        )
     )
     report.paragraph(
         f"Permuted: r with its rows and columns randomly permuted, {PERMUTATION_DRAWS} draws averaged. "

@@ -150,6 +150,9 @@ class DagSettings(AttackSettings):
     reselect_every: int = 0
     """Detector only: select the dense proposals again on the current image every N steps (0: the paper's fixed
     proposals of the clean image)."""
+    margin: float = 0.0
+    """Detector and segmenter, beyond the paper: a target stays active until its true class is this many logits below
+    the best other class (0: the paper's rule, active while the true class is the top one)."""
     fgsm: bool = True
     """Also run FGSM at the L-infinity norm of DAG's mean perturbation, for comparison (captioner)."""
 

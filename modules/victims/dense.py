@@ -121,6 +121,11 @@ class DenseObjective(Objective):
             interact, like neighbouring pixels, revert: :meth:`fooled_counts` tells). Off (the paper's
             Algorithm 1): the active set is recomputed over **all** targets each iteration, so a target that reverts
             to its true class is attacked again, and "done" means every target is misclassified at once.
+        margin: Beyond the paper (which stops a target as soon as its true class is no longer the top one): a target
+            stays active until its true class's score is at least ``margin`` below the best other class's,
+            ``f_l - max_{c != l} f_c <= -margin``. 0 (default) is the paper's rule. A margin pushes the true class
+            further down, e.g. below a detector's score threshold, at the price of more iterations and distortion.
+            ``fooled_counts`` and ``success`` still count a target as fooled as soon as its top class is wrong.
 
     Attributes:
         active: Per image, which targets are active. Shape: ``(N_i,)`` bool each.
@@ -132,7 +137,10 @@ class DenseObjective(Objective):
         labels: Sequence[torch.Tensor],
         adversarial: Sequence[torch.Tensor],
         shrink_only: bool = False,
+        margin: float = 0.0,
     ) -> None:
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin >= 0:
+            raise RobucapError(f"DAG margin must be a number >= 0 (0: the paper's rule), got {margin!r}")
         if len(labels) != len(adversarial):
             raise ValueError(f"{len(labels)} label sets for {len(adversarial)} adversarial label sets")
         self.module = module
@@ -143,6 +151,7 @@ class DenseObjective(Objective):
                 raise ValueError("every target needs an adversarial class different from its true class")
         self.active = [torch.ones_like(t, dtype=torch.bool) for t in self.labels]
         self.shrink_only = bool(shrink_only)
+        self.margin = float(margin)
         self.size = len(self.labels)
 
     @abstractmethod
@@ -186,14 +195,23 @@ class DenseObjective(Objective):
             loss = loss + 0.0 * images.flatten(1).sum(1)
         return loss
 
-    def _still_true(self, images: torch.Tensor, picked: list[int], subsets: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per row, a mask over all its targets: in ``subsets`` and classified as the true class."""
+    def _still_true(
+        self, images: torch.Tensor, picked: list[int], subsets: list[torch.Tensor], margin: float = 0.0
+    ) -> list[torch.Tensor]:
+        """Per row, a mask over all its targets: in ``subsets`` and classified as the true class (with ``margin``:
+        the true class not yet ``margin`` below the best other class)."""
         with torch.no_grad():
             logits = self.target_logits(images, picked, subsets)
         out = []
         for r, subset, scores in zip(picked, subsets, logits, strict=True):
             mask = torch.zeros_like(self.active[r])
-            mask[subset] = scores.argmax(1).to(mask.device).eq(self.labels[r][subset])
+            true = self.labels[r][subset].to(scores.device)
+            if margin > 0:
+                own = scores.gather(1, true.unsqueeze(1)).squeeze(1)
+                best_other = scores.scatter(1, true.unsqueeze(1), float("-inf")).amax(1)
+                mask[subset] = (own - best_other).gt(-margin).to(mask.device)
+            else:
+                mask[subset] = scores.argmax(1).eq(true).to(mask.device)
             out.append(mask)
         return out
 
@@ -208,7 +226,7 @@ class DenseObjective(Objective):
         """
         picked = rows_list(rows, self.size)
         subsets = [self.active[r] if self.shrink_only else torch.ones_like(self.active[r]) for r in picked]
-        for r, mask in zip(picked, self._still_true(images, picked, subsets), strict=True):
+        for r, mask in zip(picked, self._still_true(images, picked, subsets, self.margin), strict=True):
             self.active[r] = mask
         return torch.tensor([not bool(self.active[r].any()) for r in picked], dtype=torch.bool)
 

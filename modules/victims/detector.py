@@ -121,6 +121,8 @@ class DetectorObjective(DenseObjective):
         shrink_only: A proposal that left the active set never comes back (default: the paper's recomputed set).
         reselect_every: Re-select each image's dense proposals on the current iterate every this many refreshes
             (0: never, the paper's fixed clean proposals; see the module docstring).
+        margin: Keep a target active until its true class is this far below the best other class (0: the paper's
+            rule; :class:`~modules.victims.dense.DenseObjective`).
 
     Attributes:
         proposals: Per image, the target proposals in the transform's coordinates (fixed for the whole attack
@@ -144,6 +146,7 @@ class DetectorObjective(DenseObjective):
         proposals: ProposalSettings | None = None,
         shrink_only: bool = False,
         reselect_every: int = 0,
+        margin: float = 0.0,
     ) -> None:
         if isinstance(reselect_every, bool) or not isinstance(reselect_every, int) or reselect_every < 0:
             raise RobucapError(f"detector DAG reselect_every must be an integer >= 0, got {reselect_every!r}")
@@ -178,7 +181,7 @@ class DetectorObjective(DenseObjective):
             self.proposals.append(dense[i][keep])
             true.append(assigned)
             adversarial.append(self._pis[i][assigned])
-        super().__init__(model, true, adversarial, shrink_only=shrink_only)
+        super().__init__(model, true, adversarial, shrink_only=shrink_only, margin=margin)
 
     def _dense_proposals(
         self, pixel_values: torch.Tensor

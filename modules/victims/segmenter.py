@@ -58,6 +58,8 @@ class SegmenterObjective(DenseObjective):
         ignore_index: Mask value of pixels that are no target.
         shrink_only: A pixel that left the active set never comes back (default: the paper's recomputed set).
         use_eval_mode: Run the clean forward pass in eval mode.
+        margin: Keep a pixel active until its true class is this far below the best other class (0: the paper's
+            rule; :class:`~modules.victims.dense.DenseObjective`).
 
     Raises:
         RobucapError: Masks of another shape than the logits', or values that are no class of the model.
@@ -73,6 +75,7 @@ class SegmenterObjective(DenseObjective):
         ignore_index: int = IGNORE_INDEX,
         shrink_only: bool = False,
         use_eval_mode: bool = True,
+        margin: float = 0.0,
     ) -> None:
         with eval_mode(model, use_eval_mode), torch.no_grad():
             logits = segmentation_logits(model, pixel_values)
@@ -100,7 +103,7 @@ class SegmenterObjective(DenseObjective):
             self.pixels.append(index)
             labels.append(flat[index])
             adversarial.append(pi[flat[index]])
-        super().__init__(model, labels, adversarial, shrink_only=shrink_only)
+        super().__init__(model, labels, adversarial, shrink_only=shrink_only, margin=margin)
 
     @classmethod
     def own_predictions(
@@ -111,6 +114,7 @@ class SegmenterObjective(DenseObjective):
         background: int = 0,
         shrink_only: bool = False,
         use_eval_mode: bool = True,
+        margin: float = 0.0,
     ) -> SegmenterObjective:
         """The objective with the clean prediction as labels (images without ground truth).
 
@@ -119,7 +123,10 @@ class SegmenterObjective(DenseObjective):
         """
         with eval_mode(model, use_eval_mode), torch.no_grad():
             masks = segmentation_logits(model, pixel_values).argmax(1)
-        return cls(model, pixel_values, masks, seeds, background, shrink_only=shrink_only, use_eval_mode=use_eval_mode)
+        return cls(
+            model, pixel_values, masks, seeds, background, shrink_only=shrink_only, use_eval_mode=use_eval_mode,
+            margin=margin,
+        )  # fmt: skip
 
     def target_logits(self, images: torch.Tensor, rows: list[int], subsets: list[torch.Tensor]) -> list[torch.Tensor]:
         """The logits of the chosen pixels of each row. Shape: ``(n_i, C)`` each."""
