@@ -211,6 +211,7 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["--keywords", "red", "--modes", "keyword_2"], "--keywords gives 1 keywords ['red'] but --modes asks for"),
         (["--c", "0"], "Show-and-Fool c (initial_c) must be a number > 0, got 0.0"),
         (["--iterations", "0"], "Show-and-Fool iterations must be an integer >= 1, got 0"),
+        (["--lr_growth", "0.5"], "Show-and-Fool lr_growth must be a number >= 1, got 0.5"),
         (["--modes", "caption,keyword_x"], "unknown Show-and-Fool mode 'keyword_x'"),
         (["--images", "0"], "--images must be >= 1, got 0"),
     ],

@@ -10,6 +10,7 @@ import torch
 from datamodules.errors import RobucapError
 from datamodules.tokenizer import build_word_tokenizer
 from modules.attacks import ShowAndFool, build_attack
+from modules.attacks.protocol import Objective
 from modules.attacks.tanh_box import RowAdam, from_tanh_space, to_tanh_space
 from modules.attacks.targets import choose_targets, content_words, keyword_ids, target_caption_ids
 from modules.captioning import CaptioningModule
@@ -126,6 +127,63 @@ def test_row_adam_matches_torch_adam_and_rows_are_independent() -> None:
     assert torch.equal(alone[0], torch.zeros(4))
 
 
+def test_row_adam_with_one_learning_rate_per_row_is_torch_adam_per_row() -> None:
+    torch.manual_seed(1)
+    rates = torch.tensor([0.005, 0.05, 0.5])
+    w = torch.zeros(3, 2, 4)
+    adam = RowAdam(w, lr=rates)
+    grads = [torch.randn(3, 2, 4) for _ in range(6)]
+    for g in grads:
+        adam.step(g.clone(), torch.arange(3))
+    for row, rate in enumerate(rates.tolist()):
+        reference = torch.zeros(2, 4, requires_grad=True)
+        optimizer = torch.optim.Adam([reference], lr=rate)
+        for g in grads:
+            reference.grad = g[row].clone()
+            optimizer.step()
+        assert torch.allclose(w[row], reference.detach(), atol=1e-6)
+
+
+class _ReachBrightness(Objective):
+    """Every value must reach 0.97 (hinge loss); from 0.2 that is a move of 2.43 in tanh space (-0.69 to 1.74)."""
+
+    module = torch.nn.Identity()
+
+    def loss(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return (0.97 - images).clamp_min(0).flatten(1).sum(1)
+
+    def loss_and_success(
+        self, images: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.loss(images, rows), self.success(images).cpu()
+
+    def success(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return images.detach().flatten(1).amin(1) >= 0.97
+
+
+def test_a_failed_round_raises_the_step_size_not_only_c() -> None:
+    """Adam's step does not grow with c: 50 steps of lr 0.005 move w by at most 0.25, far short of the 2.43 needed,
+    whatever c is. The paper's fixed rate fails every round; raising the rate after each failed round succeeds."""
+    x = torch.full((2, 3, 4, 4), 0.2)
+    options = {"iterations": 50, "lr": 0.005, "search_rounds": 4, "abort_early": False}
+    fixed = ShowAndFool(lr_growth=1.0, **options)(_ReachBrightness(), x)
+    assert not fixed.success.any()
+    assert fixed.c.tolist() == [1000.0, 1000.0] and torch.allclose(fixed.lr, torch.full((2,), 0.005))
+    grown = ShowAndFool(lr_growth=3.0, **options)(_ReachBrightness(), x)
+    assert grown.success.all()
+    # Rounds at 0.005, 0.015 and 0.045 fail (w moves at most 50 lr = 2.25 < 2.43); 0.135 succeeds.
+    assert torch.allclose(grown.lr, torch.full((2,), 0.135)) and grown.c.tolist() == [1000.0, 1000.0]
+    assert grown.adversarial.min() >= 0.97 and grown.adversarial.max() <= 1.0
+
+
+def test_the_rate_stops_growing_at_the_first_success() -> None:
+    x = torch.full((1, 3, 4, 4), 0.2)
+    result = ShowAndFool(iterations=50, lr=0.005, search_rounds=6, abort_early=False)(_ReachBrightness(), x)
+    # First success in round 4 (c = 1000, lr 0.135); rounds 5 and 6 bisect c at the same rate.
+    assert result.success.all() and float(result.lr[0]) == pytest.approx(0.135)
+    assert 0 < float(result.c[0]) <= 1000.0
+
+
 # -- the attack ------------------------------------------------------------------------------------------------------
 def caption_target(module: CaptioningModule, ids: list[list[int]]) -> CaptionObjective:
     """Show-and-Fool's targeted-caption objective (eq. 7) on ``module``'s captioner."""
@@ -152,7 +210,8 @@ def test_the_c_search_raises_c_until_an_unmet_target_is_generated(distinct_check
     assert clean[0] != clean[1]
     x, target = images[:1], clean[1]
     objective = caption_target(module, [target_caption_ids(module.tokenizer, target)])
-    options = {"iterations": 50, "lr": 0.01, "initial_c": 0.01}
+    # The paper's search (fixed rate), so that only c can bring the target within reach.
+    options = {"iterations": 50, "lr": 0.01, "initial_c": 0.01, "lr_growth": 1.0}
 
     first_round = ShowAndFool(search_rounds=1, **options)(objective, x)
     assert not first_round.success.any()  # c = 0.01: the distortion term wins, the target is not reached
@@ -266,6 +325,7 @@ def test_keyword_errors() -> None:
         ({"search_rounds": 0}, "search_rounds must be an integer >= 1"),
         ({"lr": 0.0}, "lr must be a number > 0"),
         ({"reinfer_every": 0}, "reinfer_every must be an integer >= 1"),
+        ({"lr_growth": 0.5}, "lr_growth must be a number >= 1, got 0.5"),
     ],
 )
 def test_bad_options_are_named(options: dict, message: str) -> None:

@@ -72,6 +72,8 @@ class ShowAndFoolSettings(AttackSettings):
     """Rounds of the binary search on c (paper: 5)."""
     lr: float = 0.005
     """Adam learning rate (paper: 0.005)."""
+    lr_growth: float = 3.0
+    """Factor on an image's learning rate after each round it has not yet succeeded in (1: the paper's fixed rate)."""
     c: float = 1.0
     """Initial c (paper: 1)."""
     margin: float = 1.0

@@ -63,8 +63,9 @@ def _attack(settings: ShowAndFoolSettings) -> tuple[ShowAndFool, TargetedLoss]:
     if not settings.margin > 0:
         raise RobucapError(f"--margin (Show-and-Fool's kappa) must be > 0, got {settings.margin}")
     attack = ShowAndFool(
-        iterations=settings.iterations, lr=settings.lr, initial_c=settings.c, search_rounds=settings.rounds
-    )
+        iterations=settings.iterations, lr=settings.lr, initial_c=settings.c, search_rounds=settings.rounds,
+        lr_growth=settings.lr_growth,
+    )  # fmt: skip
     return attack, TargetedLoss(loss=settings.loss, margin=settings.margin)
 
 
