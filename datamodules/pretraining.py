@@ -11,12 +11,16 @@ captioner on that split.
   size of the object whose box holds it, or background).
 * :class:`CaptionTextDataModule`: the captions of any caption dataset as token sequences for causal language
   modelling, with the word-level tokenizer the captioner would build from the same training captions.
+
+:func:`generated_shapes_options` recognises a generated shapes dataset by its ``meta.json`` whatever format a caller
+reads it as (the demo reads it as ``coco``), so both modules can pretrain on it with the settings it was made with.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from datamodules.errors import DataError, RobucapError
 from datamodules.formats import load_split
 from datamodules.formats._common import expect, get, read_json, require_file
 from datamodules.records import ImageRecord
-from datamodules.shapes import COLORS, SHAPE_KINDS, SIZES, ShapesConfig, ShapesFlags, generate_shapes
+from datamodules.shapes import COLORS, SHAPE_KINDS, SIZES, ShapesConfig, ShapesFlags, generate_shapes, shapes_ready
 from datamodules.tokenizer import VocabInfo, build_word_tokenizer, load_tokenizer
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "TextBatch",
     "attribute_labels",
     "attribute_vector",
+    "generated_shapes_options",
     "read_attributes",
     "region_map",
 ]
@@ -118,6 +123,30 @@ def _shapes_config(options: dict[str, Any], image_size: int | None) -> tuple[Sha
         values["image_size"] = image_size
         flags["image_size"] = "--data.image_size"
     return ShapesConfig(**values), ShapesFlags("--data.root", flags)
+
+
+def generated_shapes_options(root: str | Path) -> dict[str, int] | None:
+    """The generator settings of the complete shapes dataset at ``root``, or ``None`` when it holds none.
+
+    Read from the ``meta.json`` the generator writes and checked with :func:`~datamodules.shapes.shapes_ready`, so
+    passing them as ``shapes`` to :class:`ShapesAttributesDataModule` or :class:`CaptionTextDataModule` reads that
+    dataset as it is (its generation is never asked for with other settings, which would be refused).
+
+    Args:
+        root: A directory that may hold a generated shapes dataset (read as ``shapes`` or as ``coco``).
+    """
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    recorded = meta.get("config") if isinstance(meta, dict) and meta.get("name") == "shapes" else None
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        config = ShapesConfig(**recorded)
+    except (TypeError, RobucapError):  # unknown fields or values out of range: not a dataset this generator made
+        return None
+    return asdict(config) if shapes_ready(root, config) else None
 
 
 def _check_limits(**limits: int | None) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from datamodules.errors import RobucapError
+from datamodules.pretraining import generated_shapes_options
 from lightning_app.cli import main
 from lightning_app.studies.base import StudyData
 from lightning_app.studies.freeze import FREEZE_DECODER_CROSS, PHASES, FreezeStudy, FreezeStudyConfig
@@ -215,6 +217,40 @@ def test_a_decoder_with_another_vocabulary_is_refused(smoke_parts: tuple[Path, P
     dm.tokenizer = build_word_tokenizer(["a small red zebra"])
     with pytest.raises(RobucapError, match="has another tokenizer than the study's data"):
         resolve_parts(dm, tmp_path, parts.encoder_dir, parts.decoder_dir, {})
+
+
+def test_shapes_data_read_as_coco_gets_its_parts_made(smoke_parts: tuple[Path, Parts], tmp_path: Path) -> None:
+    """The demo reads its shapes data as COCO: the parts are pretrained with the settings the dataset was made with."""
+    from datamodules.datamodule import CaptionDataModule
+
+    root, _ = smoke_parts
+    recorded = generated_shapes_options(root)
+    assert recorded is not None and recorded["image_size"] == 32
+    assert {k: recorded[k] for k in SMOKE_SHAPES} == SMOKE_SHAPES
+    dm = CaptionDataModule(format="coco", root=str(root), image_size=32, batch_size=16, progress=False)
+    dm.setup("fit")
+    settings = {"encoder_epochs": 0.5, "decoder_epochs": 0.5, "lr": 2e-3, "batch_size": 16}
+    parts = make_parts(dm, tmp_path / "study", settings)
+    assert parts.made_here and parts.settings == settings
+    check_part_dirs(parts.encoder_dir, parts.decoder_dir)
+    # The decoder was pretrained with the data module's own tokenizer, so the study accepts it as given parts too.
+    assert resolve_parts(dm, tmp_path / "again", parts.encoder_dir, parts.decoder_dir, {}).made_here is False
+
+
+def test_parts_are_not_made_from_data_that_is_not_generated_shapes(tmp_path: Path) -> None:
+    from datamodules.datamodule import CaptionDataModule
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    assert generated_shapes_options(coco) is None  # no meta.json
+    (coco / "meta.json").write_text(json.dumps({"name": "shapes", "config": {"n_train": -1}}))
+    assert generated_shapes_options(coco) is None  # settings the generator refuses
+    (coco / "meta.json").write_text(json.dumps({"name": "shapes", "complete": True, "config": {"n_train": 4}}))
+    assert generated_shapes_options(coco) is None  # the annotations files are missing
+    dm = CaptionDataModule(format="coco", root=str(coco), image_size=32, progress=False)
+    message = f"the data ('coco' at {coco}) is not a generated shapes dataset: pass pretrained directories"
+    with pytest.raises(RobucapError, match=re.escape(message)):
+        make_parts(dm, tmp_path / "study", {})
 
 
 def test_parameter_groups_cover_every_parameter_once() -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from callbacks.freeze_cross_attention import is_cross_attention
 from datamodules.datamodule import CaptionDataModule
 from datamodules.errors import RobucapError
-from datamodules.pretraining import CaptionTextDataModule, ShapesAttributesDataModule
+from datamodules.pretraining import CaptionTextDataModule, ShapesAttributesDataModule, generated_shapes_options
 from datamodules.tokenizer import load_tokenizer
 from modules.checkpoint import same_tokenizer
 from modules.pretraining.decoder import DecoderPretraining
@@ -105,18 +105,16 @@ def make_parts(datamodule: CaptionDataModule, out: Path, settings: dict[str, Any
     The decoder uses the study's tokenizer, so its vocabulary is the captioner's.
 
     Args:
-        datamodule: The study's data, set up (its tokenizer is built); must be ``shapes`` data.
+        datamodule: The study's data, set up (its tokenizer is built): ``shapes`` data, or a generated shapes dataset
+            read as another format (the demo reads its shapes data as ``coco``).
         out: The study's directory; the parts go to ``out/parts/{encoder,decoder}``.
         settings: ``encoder_epochs``, ``decoder_epochs``, ``lr``, ``batch_size`` (recorded in the result).
 
     Raises:
-        RobucapError: The data is not shapes data (the encoder's labels come from the shapes instances files).
+        RobucapError: The data is not a generated shapes dataset (the encoder's labels come from the shapes
+            instances files).
     """
-    if datamodule.format != "shapes":
-        raise RobucapError(
-            f"--study.start pretrained without --study.encoder_dir / --study.decoder_dir pretrains the encoder on "
-            f"shapes attributes, but the data is {datamodule.format!r}: pass pretrained directories"
-        )
+    shapes = _shapes_options(datamodule)
     parts = Path(out) / "parts"
     tokenizer_dir = parts / "tokenizer"
     datamodule.tokenizer.save_pretrained(tokenizer_dir)
@@ -128,17 +126,36 @@ def make_parts(datamodule: CaptionDataModule, out: Path, settings: dict[str, Any
     )
     images = ShapesAttributesDataModule(
         root=str(datamodule.root), image_size=datamodule.image_size, batch_size=settings["batch_size"],
-        shapes=datamodule.shapes_options, progress=False,
+        shapes=shapes, progress=False,
     )  # fmt: skip
     _fit(encoder, images, parts, "pretrain_encoder", settings["encoder_epochs"])
     decoder = DecoderPretraining(lr=settings["lr"], export_dir=str(parts / "decoder"), warmup_steps=20)
     text = CaptionTextDataModule(
-        root=str(datamodule.root), batch_size=settings["batch_size"], tokenizer=str(tokenizer_dir),
-        shapes={**datamodule.shapes_options, "image_size": datamodule.image_size}, progress=False,
+        root=str(datamodule.root), batch_size=settings["batch_size"], tokenizer=str(tokenizer_dir), shapes=shapes,
+        progress=False,
     )  # fmt: skip
     _fit(decoder, text, parts, "pretrain_decoder", settings["decoder_epochs"])
     seconds = round(time.perf_counter() - start, 1)
     return Parts(str(parts / "encoder"), str(parts / "decoder"), True, dict(settings), seconds)
+
+
+def _shapes_options(datamodule: CaptionDataModule) -> dict[str, Any]:
+    """The generator settings of the study's shapes data, however the study reads it.
+
+    Raises:
+        RobucapError: The data is neither ``shapes`` nor a generated shapes dataset read as another format.
+    """
+    if datamodule.format == "shapes":
+        return {**datamodule.shapes_options, "image_size": datamodule.image_size}
+    # Shapes data read as COCO (the demo's) carries the same instances files; its meta.json says how it was made.
+    recorded = generated_shapes_options(datamodule.root)
+    if recorded is None:
+        raise RobucapError(
+            f"--study.start pretrained without --study.encoder_dir / --study.decoder_dir pretrains the encoder on "
+            f"shapes attributes, but the data ({datamodule.format!r} at {datamodule.root}) is not a generated shapes "
+            "dataset: pass pretrained directories"
+        )
+    return recorded
 
 
 def resolve_parts(
