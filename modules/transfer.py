@@ -12,6 +12,9 @@ a cell of a transfer matrix here holds, for the adversarial images of one source
   keyword targets contains every keyword — Liu et al.'s (2017) matching rate; ``target_hit_clean`` is the same share
   for the clean captions, the baseline to compare with (a target chosen from the source's captions may already be what
   another captioner says for the clean image);
+* ``target_words``: partial transfer, the keyword view of Show-and-Fool (section 4.3): per image the share of the
+  target's content words (:func:`~modules.attacks.targets.content_words`; for keyword targets, the keywords) that the
+  adversarial caption contains, averaged over the images; ``target_words_clean`` is the same for the clean captions;
 * ``ori_bleu4`` / ``tgt_bleu4``: Show-and-Fool's transfer scores (section 4.4, Table 4): corpus BLEU-4 of the
   adversarial captions against the captioner's own clean captions (``ori``, lower = more change) and against the
   target captions (``tgt``, higher = the target transferred; caption targets only);
@@ -30,6 +33,7 @@ import torch
 
 from datamodules.errors import RobucapError
 from datamodules.text import caption_tokens, normalize_caption
+from modules.attacks.targets import content_words
 from modules.captioning import CaptioningModule
 from modules.captions import caption_images
 from modules.evaluation import bleu_of
@@ -43,6 +47,7 @@ __all__ = [
     "hits_target",
     "matrix_to_json",
     "rmsd_255",
+    "target_word_share",
     "transfer_matrix",
 ]
 
@@ -79,6 +84,27 @@ def hits_target(caption: str, target: Target) -> bool:
         return normalize_caption(caption) == normalize_caption(target)
     tokens = caption_tokens(caption)
     return all(_contains(tokens, caption_tokens(k)) for k in target)
+
+
+def target_word_share(caption: str, target: Target) -> float | None:
+    """Share of the target's content words (a keyword list: its keywords) found in the caption; ``None`` if none.
+
+    A caption target's words are its :func:`~modules.attacks.targets.content_words` (shapes, colours, sizes on the
+    shapes data), each counted once; a word is found when it is one of the caption's tokens (a keyword that the PTB
+    tokenisation splits, as a run of tokens).
+    """
+    words = content_words(target) if isinstance(target, str) else [k for k in target if caption_tokens(k)]
+    if not words:
+        return None
+    tokens = caption_tokens(caption)
+    return sum(_contains(tokens, caption_tokens(w)) for w in words) / len(words)
+
+
+def _mean_share(captions: Sequence[str], targets: Sequence[Target]) -> float | None:
+    """Mean :func:`target_word_share` over the images whose target has content words (``None`` if none has)."""
+    shares = [target_word_share(c, t) for c, t in zip(captions, targets, strict=True)]
+    known = [v for v in shares if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _contains(tokens: Sequence[str], run: Sequence[str]) -> bool:
@@ -119,6 +145,9 @@ class TransferCell:
         changed: Share of images whose adversarial caption differs from the clean one (normalised text).
         target_hit: Share of adversarial captions that meet their target; ``None`` without targets.
         target_hit_clean: The same share for the clean captions (the baseline); ``None`` without targets.
+        target_words: Partial transfer: mean share of each target's content words (keywords) in the adversarial
+            caption; ``None`` without targets.
+        target_words_clean: The same share for the clean captions (the baseline); ``None`` without targets.
         ori_bleu4: Show-and-Fool's ``ori`` score: BLEU-4 of the adversarial captions against the clean ones.
         tgt_bleu4: Show-and-Fool's ``tgt`` score against the target captions; ``None`` unless every target is one.
         rmsd: Mean RMSD (0-255 scale) of the adversarial images (Liu et al. 2017).
@@ -133,6 +162,8 @@ class TransferCell:
     changed: float
     target_hit: float | None
     target_hit_clean: float | None
+    target_words: float | None
+    target_words_clean: float | None
     ori_bleu4: float
     tgt_bleu4: float | None
     rmsd: float
@@ -206,8 +237,10 @@ def evaluate_transfer(
     changed = [
         normalize_caption(a) != normalize_caption(c) for a, c in zip(adversarial_captions, clean_captions, strict=True)
     ]
-    target_hit = target_hit_clean = tgt_bleu4 = None
+    target_hit = target_hit_clean = target_words = target_words_clean = tgt_bleu4 = None
     if targets is not None:
+        target_words = _mean_share(adversarial_captions, targets)
+        target_words_clean = _mean_share(clean_captions, targets)
         target_hit = sum(hits_target(a, t) for a, t in zip(adversarial_captions, targets, strict=True)) / n
         target_hit_clean = sum(hits_target(c, t) for c, t in zip(clean_captions, targets, strict=True)) / n
         if all(isinstance(t, str) for t in targets):
@@ -219,6 +252,8 @@ def evaluate_transfer(
         changed=sum(changed) / n,
         target_hit=target_hit,
         target_hit_clean=target_hit_clean,
+        target_words=target_words,
+        target_words_clean=target_words_clean,
         ori_bleu4=bleu_of(_records(adversarial_captions, [[c] for c in clean_captions], ids))["bleu4"],
         tgt_bleu4=tgt_bleu4,
         rmsd=float(rmsd_255(clean, adversarial).mean()),

@@ -1,8 +1,9 @@
 """The attacks and evaluation of the transfer study (Liu et al. 2017; Show-and-Fool, Chen et al. 2018).
 
-Given trained captioners and a batch of test images: single-model attacks (targeted Show-and-Fool and a
-non-targeted optimisation attack per source) captioned by every model, then leave-one-out ensembles (optimisation,
-FG and FGS, targeted and not) evaluated on the held-out model. ``lightning_app.studies.transfer`` trains or loads the
+Given trained captioners and a batch of test images: single-model attacks (targeted Show-and-Fool, the targeted
+optimisation attack of the ensembles run on the source alone, and a non-targeted optimisation attack per source)
+captioned by every model, then leave-one-out ensembles (optimisation, FG and FGS, targeted and not) evaluated on the
+held-out model and on every member. ``lightning_app.studies.transfer`` trains or loads the
 models and writes the report; this file holds no I/O.
 """
 
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 
 from datamodules.errors import RobucapError
+from datamodules.text import normalize_caption
 from modules.attacks import ENSEMBLE_METHODS, Attack, ShowAndFool, build_attack
 from modules.attacks.targets import choose_targets, target_caption_ids
 from modules.captioners import ARCHITECTURES
 from modules.captioning import CaptioningModule
-from modules.transfer import TransferCell, TransferMatrix, rmsd_255, transfer_matrix
+from modules.transfer import TransferCell, TransferMatrix, hits_target, rmsd_255, transfer_matrix
 from modules.victims.captioner import CaptionObjective, caption_ensemble, different_vocabularies
 from modules.victims.ensemble import EnsembleObjectiveName, check_ensemble_objective
 
@@ -31,23 +33,58 @@ __all__ = [
     "AttackedImages",
     "EnsembleRows",
     "SingleModelAttacks",
+    "StudyCaptioner",
     "TransferStudyConfig",
     "attack_descriptions",
     "leave_one_out_ensembles",
+    "on_members",
     "optimization_attack",
     "show_and_fool_attack",
     "single_model_attacks",
+    "targeted_optimization_attack",
 ]
 
-# (name, architecture, seed offset): two ViT-GPT2 of different seeds, one Show-Attend-Tell.
-MODELS: tuple[tuple[str, str, int], ...] = (
-    ("vit_gpt2_s0", "vit_gpt2", 0),
-    ("vit_gpt2_s1", "vit_gpt2", 1),
-    ("sat_s0", "show_attend_tell", 0),
+
+@dataclass(frozen=True)
+class StudyCaptioner:
+    """One captioner the study trains (``--study.models``: a list of ``{name, arch, seed_offset, overrides}``).
+
+    Attributes:
+        name: Its name in the tables and results.json.
+        arch: ``vit_gpt2`` or ``show_attend_tell`` (:data:`~modules.captioners.ARCHITECTURES`).
+        seed_offset: Added to the study's ``seed`` for its initialisation and data order.
+        overrides: Fields changed in the study's ``preset`` (the captioner's ``overrides``: for ViT-GPT2
+            ``{"encoder": {...}, "decoder": {...}}``), ``None``: the preset as it is. Sizes differ through these.
+    """
+
+    name: str
+    arch: str
+    seed_offset: int = 0
+    overrides: dict[str, Any] | None = None
+
+
+# A ViT-GPT2 half again as wide as the tiny preset (hidden 96 instead of 64 in both parts): another size.
+WIDE_VIT_GPT2: dict[str, Any] = {
+    "encoder": {"hidden_size": 96, "intermediate_size": 192},
+    "decoder": {"n_embd": 96},
+}
+# Five captioners, two architectures: ViT-GPT2 of two seeds and two sizes, Show-Attend-Tell of two seeds, so that
+# every held-out model has a sibling of its architecture among the four members of its ensemble.
+MODELS: tuple[StudyCaptioner, ...] = (
+    StudyCaptioner("vit_gpt2_s0", "vit_gpt2", 0),
+    StudyCaptioner("vit_gpt2_s1", "vit_gpt2", 1),
+    StudyCaptioner("vit_gpt2_wide_s2", "vit_gpt2", 2, WIDE_VIT_GPT2),
+    StudyCaptioner("sat_s0", "show_attend_tell", 0),
+    StudyCaptioner("sat_s1", "show_attend_tell", 1),
 )
 FAST_METHODS = ENSEMBLE_METHODS[1:]  # fg, fgs
-KINDS = ("targeted", "non_targeted")
-_SUMMARY_KEYS = ("changed", "target_hit", "target_hit_clean", "bleu4_drop", "ori_bleu4", "tgt_bleu4", "rmsd")
+# targeted: Show-and-Fool; targeted_optimization: the targeted ensembles' optimisation on one source (the matched
+# single-model baseline); non_targeted: the optimisation on the source's own captions.
+KINDS = ("targeted", "targeted_optimization", "non_targeted")
+_SUMMARY_KEYS = (
+    "changed", "target_hit", "target_hit_clean", "target_words", "target_words_clean", "bleu4_drop", "ori_bleu4",
+    "tgt_bleu4", "rmsd",
+)  # fmt: skip
 
 
 @dataclass
@@ -73,7 +110,7 @@ class TransferStudyConfig:
     images: int = 50
     """Attacked test images (the first N of the test split; at least 2, targets come from other images)."""
     seed: int = 0
-    """Base seed: model seeds are ``seed + 0``, ``seed + 1``, ``seed + 0`` and targets are drawn with ``seed``."""
+    """Base seed: each model's seed is ``seed`` plus its ``seed_offset``, and targets are drawn with ``seed``."""
     sf_iterations: int = 200
     """Show-and-Fool Adam iterations per round of the c search (the paper: 1000; fewer here to fit the time budget)."""
     sf_search_rounds: int = 3
@@ -85,9 +122,18 @@ class TransferStudyConfig:
     margin: float = 1.0
     """Show-and-Fool confidence margin kappa (the paper: 1; its section 4.4 shows a larger kappa transfers better)."""
     opt_iterations: int = 100
-    """Adam iterations of the optimisation attacks (Liu et al. 2017: 100)."""
+    """Adam iterations of the non-targeted optimisation attacks, single-model and ensemble (Liu et al. 2017: 100)."""
     opt_lr: float = 0.005
-    """Adam learning rate of the optimisation attacks, in tanh space (sets the distortion with lambda = 0)."""
+    """Adam learning rate of the non-targeted optimisation attacks, in tanh space (sets the distortion with
+    lambda = 0)."""
+    targeted_iterations: int = 800
+    """Adam iterations of the targeted optimisation attacks: the targeted ensembles and the same attack on each
+    source alone (the matched single-model baseline). 800 with lr 0.05 is the tuned setting of docs/attacks.md."""
+    targeted_lr: float = 0.05
+    """Adam learning rate of the targeted optimisation attacks, in tanh space."""
+    stop_on_success: bool = True
+    """Targeted optimisation attacks: an image whose every member already gives the target (teacher-forced check)
+    keeps that iterate and leaves the batch (saves time, spends no more distortion than the success needed)."""
     distance_weight: float = 0.0
     """Lambda of the optimisation attacks (Liu et al. 2017: 0)."""
     ensemble_objective: EnsembleObjectiveName = "sum_margin"
@@ -100,14 +146,21 @@ class TransferStudyConfig:
     attack_batch_size: int = 64
     """Images attacked (and captioned) at once."""
     checkpoints: tuple[str, ...] | None = None
-    """Existing robucap checkpoints (at least 3) to study instead of training the three default models."""
+    """Existing robucap checkpoints (at least 3) to study instead of training ``models``."""
     wandb: bool = True
     """Log every training run to W&B (offline without an API key)."""
-    models: tuple[tuple[str, str, int], ...] = field(default=MODELS)
-    """Models trained when no checkpoints are given: ``(name, arch, seed offset)``."""
+    models: tuple[StudyCaptioner, ...] | None = None
+    """Models trained when no checkpoints are given (at least 3), each ``{name, arch, seed_offset, overrides}``;
+    ``None``: the five of :data:`MODELS` (ViT-GPT2 seeds 0 and 1, a wider ViT-GPT2, Show-Attend-Tell seeds 0 and 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "sf_iterations", "sf_search_rounds", "opt_iterations", "attack_batch_size"):
+        counts = ("epochs", "sf_iterations", "sf_search_rounds", "opt_iterations", "targeted_iterations",
+                  "attack_batch_size")  # fmt: skip
+        for name in ("opt_lr", "targeted_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise RobucapError(f"transfer study {name} must be > 0, got {value!r}")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise RobucapError(f"transfer study {name} must be >= 1, got {getattr(self, name)}")
         if self.images < 2:
@@ -128,12 +181,18 @@ class TransferStudyConfig:
                     f"transfer study checkpoints needs at least 3 captioners (one held out, an ensemble of the "
                     f"others), got {len(self.checkpoints)}: {list(self.checkpoints)}"
                 )
-        self.models = tuple(tuple(m) for m in self.models)
+        given = MODELS if self.models is None else self.models
+        self.models = tuple(m if isinstance(m, StudyCaptioner) else StudyCaptioner(**m) for m in given)
         if self.checkpoints is None and len(self.models) < 3:
             raise RobucapError(f"transfer study needs at least 3 models, got {len(self.models)}")
-        for _, arch, _ in self.models:
-            if arch not in ARCHITECTURES:
-                raise RobucapError(f"transfer study model arch must be one of {list(ARCHITECTURES)}, got {arch!r}")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise RobucapError(f"transfer study model names must be unique, got {names}")
+        for model in self.models:
+            if model.arch not in ARCHITECTURES:
+                raise RobucapError(
+                    f"transfer study model arch must be one of {list(ARCHITECTURES)}, got {model.arch!r}"
+                )
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
@@ -172,10 +231,20 @@ def optimization_attack(cfg: TransferStudyConfig) -> Attack:
     )
 
 
+def targeted_optimization_attack(cfg: TransferStudyConfig) -> Attack:
+    """The targeted optimisation attack: the targeted ensembles' and, on one source, their matched baseline."""
+    return build_attack(
+        "optimization", iterations=cfg.targeted_iterations, lr=cfg.targeted_lr, distance_weight=cfg.distance_weight,
+        stop_on_success=cfg.stop_on_success,
+    )  # fmt: skip
+
+
 def attack_descriptions(cfg: TransferStudyConfig) -> dict[str, str]:
     """What results.json records under ``transfer.attacks``: each single-model attack and its objective."""
     return {
         "targeted": f"{show_and_fool_attack(cfg)!r} on CaptionObjective.targeting(loss='logits', margin={cfg.margin})",
+        "targeted_optimization": f"{targeted_optimization_attack(cfg)!r} on caption_ensemble([source], "
+        f"objective={cfg.ensemble_objective!r}, margin={cfg.margin})",
         "non_targeted": f"{optimization_attack(cfg)!r} on caption_ensemble([source])",
     }
 
@@ -192,13 +261,21 @@ def _summary_scores(cell: TransferCell) -> dict[str, float | None]:
     return {k: getattr(cell, k) for k in _SUMMARY_KEYS}
 
 
-def single_model_transfer(matrix: TransferMatrix, sources: list[str], held_out: str, targeted: bool) -> dict[str, Any]:
-    """Transfer to ``held_out`` of each source's own single-model attack: per source, mean, and best (JSON)."""
+def single_model_transfer(
+    matrix: TransferMatrix, sources: list[str], held_out: str, targeted: bool, attack: str = "optimization"
+) -> dict[str, Any]:
+    """Transfer to ``held_out`` of each source's own single-model attack: per source, mean, and best (JSON).
+
+    The best source is the one with the highest target hit (targeted; ties: the larger share of target words) or
+    changed share (non-targeted; ties: the larger BLEU-4 drop).
+    """
     cells = {s: matrix[s][held_out] for s in sources}
-    key = "target_hit" if targeted else "changed"
-    best = max(cells, key=lambda s: (getattr(cells[s], key) or 0.0, cells[s].bleu4_drop))
+    if targeted:
+        best = max(cells, key=lambda s: (cells[s].target_hit or 0.0, cells[s].target_words or 0.0))
+    else:
+        best = max(cells, key=lambda s: (cells[s].changed, cells[s].bleu4_drop))
     return {
-        "attack": "show_and_fool" if targeted else "optimization",
+        "attack": attack,
         "sources": list(sources),
         "per_source": {s: _summary_scores(cells[s]) for s in sources},
         "mean": _mean_cells(cells),
@@ -229,14 +306,17 @@ class SingleModelAttacks:
 
     Attributes:
         targeted: Show-and-Fool images per source. Shape of each: ``(N, 3, H, W)``.
+        targeted_optimization: The targeted ensembles' optimisation attack run on each source alone, towards the same
+            targets as its Show-and-Fool images. Shape of each: ``(N, 3, H, W)``.
         non_targeted: Optimisation-attack images per source. Shape of each: ``(N, 3, H, W)``.
         targets: The target caption of each image, per source.
         targets_from: ``model_captions`` or ``references``, per source.
         white_box: Show-and-Fool's white-box ``success`` rate, mean ``l2`` and ``rmsd``, per source.
-        matrix: ``targeted`` / ``non_targeted`` -> source -> evaluated model -> transfer cell.
+        matrix: ``targeted`` / ``targeted_optimization`` / ``non_targeted`` -> source -> evaluated model -> cell.
     """
 
     targeted: dict[str, torch.Tensor]
+    targeted_optimization: dict[str, torch.Tensor]
     non_targeted: dict[str, torch.Tensor]
     targets: dict[str, list[str]]
     targets_from: dict[str, str]
@@ -284,9 +364,15 @@ def _on_ensemble(
 def single_model_attacks(
     models: dict[str, CaptioningModule], images: AttackedImages, cfg: TransferStudyConfig
 ) -> SingleModelAttacks:
-    """Attack each model alone (targeted Show-and-Fool, non-targeted optimisation) and caption with every model."""
+    """Attack each model alone and caption with every model.
+
+    Per source: targeted Show-and-Fool, the targeted ensembles' optimisation attack on the source alone (same targets;
+    the single-model baseline at the ensembles' budget) when the models share one vocabulary, and the non-targeted
+    optimisation attack.
+    """
     x, size = images.pixels, cfg.attack_batch_size
-    targeted_sets, nt_sets, targets, targets_from, white_box = {}, {}, {}, {}, {}
+    targeted_sets, opt_sets, nt_sets, targets, targets_from, white_box = {}, {}, {}, {}, {}, {}
+    shared = _shared_vocabulary(models)
     for index, (name, module) in enumerate(models.items(), start=1):
         print(f"[transfer study] single-model attacks {index}/{len(models)} on {name}")
         targets[name], targets_from[name] = choose_study_targets(images.clean[name], images.references, cfg.seed)
@@ -308,15 +394,21 @@ def single_model_attacks(
             "l2": float(torch.cat([r.l2 for r in results]).mean()),
             "rmsd": float(rmsd_255(x, targeted_sets[name]).mean()),
         }
+        length = module.hparams.max_new_tokens
+        if shared:  # the matched baseline of the targeted ensemble rows, which need one vocabulary
+            attack = targeted_optimization_attack(cfg)
+            run = _on_ensemble(attack, [module.captioner], length, cfg.ensemble_objective, cfg.margin)
+            opt_sets[name] = batched(x, size, run, ids)
         attack = optimization_attack(cfg)
-        nt_sets[name] = batched(x, size, _on_ensemble(attack, [module.captioner], module.hparams.max_new_tokens))
+        nt_sets[name] = batched(x, size, _on_ensemble(attack, [module.captioner], length))
     print("[transfer study] evaluating single-model transfer")
     common = (models, x, images.references, images.image_ids)
     matrix = {
         "targeted": transfer_matrix(targeted_sets, *common, targets, size, images.clean),
+        "targeted_optimization": transfer_matrix(opt_sets, *common, targets, size, images.clean),
         "non_targeted": transfer_matrix(nt_sets, *common, None, size, images.clean),
     }
-    return SingleModelAttacks(targeted_sets, nt_sets, targets, targets_from, white_box, matrix)
+    return SingleModelAttacks(targeted_sets, opt_sets, nt_sets, targets, targets_from, white_box, matrix)
 
 
 def leave_one_out_ensembles(
@@ -348,7 +440,6 @@ def _ensemble_row(
     x, size = images.pixels, cfg.attack_batch_size
     members = [n for n in models if n != held_out]
     captioners = [models[n].captioner for n in members]
-    kind = KINDS[0] if targeted else KINDS[1]
     row_targets, extra = None, []
     if targeted:
         # Targets from the first member's clean captions: the held-out model is a black box.
@@ -361,14 +452,19 @@ def _ensemble_row(
     def crafted(attack: Attack) -> torch.Tensor:
         return batched(x, size, _on_ensemble(attack, captioners, length, objective, cfg.margin), *extra)
 
-    sets = {"optimization": crafted(optimization_attack(cfg))}
+    sets = {"optimization": crafted(targeted_optimization_attack(cfg) if targeted else optimization_attack(cfg))}
     reference_rmsd = float(rmsd_255(x, sets["optimization"]).mean()) if cfg.fast_rmsd is None else cfg.fast_rmsd
     budgets = fast_budgets(reference_rmsd, x)
     for method in FAST_METHODS:
         attack = build_attack(method, budgets[method])
         sets[method] = crafted(attack)
     cells = transfer_matrix(sets, models, x, images.references, images.image_ids, row_targets, size, images.clean)
-    transfer = single_model_transfer(single.matrix[kind], members, held_out, targeted)
+    if targeted:
+        # The matched baseline: the same optimisation on each member alone (its own targets, the same rule).
+        transfer = single_model_transfer(single.matrix["targeted_optimization"], members, held_out, True)
+        show_and_fool = single_model_transfer(single.matrix["targeted"], members, held_out, True, "show_and_fool")
+    else:
+        transfer = single_model_transfer(single.matrix["non_targeted"], members, held_out, False)
     for method in ENSEMBLE_METHODS:
         result.images[(held_out, method, targeted)] = sets[method]
         result.rows.append(
@@ -382,7 +478,36 @@ def _ensemble_row(
                 "epsilon_norm": {"fg": "l2", "fgs": "linf"}.get(method),
                 "rmsd": cells[method][held_out].rmsd,
                 "on_held_out": cells[method][held_out].to_json(),
-                "on_members": {m: cells[method][m].to_json() for m in members},
+                "on_members": on_members({m: cells[method][m] for m in members}, row_targets),
                 "single_model_transfer": transfer,
+                **({"single_model_show_and_fool": show_and_fool} if targeted else {}),
             }
         )
+
+
+def on_members(cells: dict[str, TransferCell], targets: list[str] | None) -> dict[str, Any]:
+    """The white-box verdict of an ensemble's members on its images (JSON).
+
+    ``target_hit``: share of images whose caption is the target on EVERY member (``None`` non-targeted), the success
+    the targeted ensemble objectives aim at; ``changed``: share whose caption changed on every member;
+    ``target_words``: the members' mean share of the target's content words; ``models``: each member's own cell.
+    """
+    first = next(iter(cells.values()))
+    n = first.n
+    every_changed = [
+        all(
+            normalize_caption(c.adversarial_captions[i]) != normalize_caption(c.clean_captions[i])
+            for c in cells.values()
+        )
+        for i in range(n)
+    ]
+    hit = None
+    if targets is not None:
+        hit = sum(all(hits_target(c.adversarial_captions[i], targets[i]) for c in cells.values()) for i in range(n)) / n
+    words = [c.target_words for c in cells.values() if c.target_words is not None]
+    return {
+        "target_hit": hit,
+        "changed": sum(every_changed) / n,
+        "target_words": statistics.fmean(words) if words else None,
+        "models": {m: c.to_json() for m, c in cells.items()},
+    }

@@ -47,9 +47,16 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
         assert len(block["target"].split(",")) == (1 if mode == "caption" else int(mode[-1]))
     models = [m["name"] for m in results["transfer"]["models"]]
     assert len(models) == 3
-    for kind in ("targeted", "non_targeted"):
+    for kind in ("targeted", "targeted_optimization", "non_targeted"):
         assert set(results["transfer"]["matrix"][kind]) == set(models)
     assert {r["held_out"] for r in results["ensemble"]["rows"]} == set(models)
+    # Every targeted ensemble row: the share fooled on every member (white-box) and on the held-out model.
+    targeted_rows = [r for r in results["ensemble"]["rows"] if r["targeted"]]
+    assert len(targeted_rows) == 3 * 3  # three held-out models, three methods
+    for row in targeted_rows:
+        for share in (row["on_members"]["target_hit"], row["on_held_out"]["target_hit"]):
+            assert isinstance(share, float) and 0.0 <= share <= 1.0
+        assert row["on_held_out"]["target_words"] is not None
     # The dense stage: Table 1 for both victims, transfer rows, into captioning with the baseline as the captioner.
     dense = results["dense"]
     assert {"clean_map50", "adv_map50", "perm_map50", "iterations", "p"} <= set(dense["detector"])
@@ -59,6 +66,23 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert {s["perturbation"] for s in dense["into_captioning"]} == {"detector", "segmenter", "detector+segmenter"}
     assert "captioner" in dense or "content word" in dense["captioner_not_run"]
     assert results["dense_study"]["config"]["images"] == 3
+    # The freeze stage runs the pretrained-parts regime from parts it pretrained on the demo's data (read as COCO).
+    freeze = results["freeze_study"]
+    assert freeze["config"]["start"] == "pretrained" and list(freeze["regimes"]) == ["pretrained"]
+    regime = freeze["regimes"]["pretrained"]
+    assert regime["cross_attention"] == "both" and regime["rows"] == freeze["rows"]
+    parts = regime["parts"]
+    assert parts["made_here"] is True and parts["seconds"] > 0 and parts["settings"]["batch_size"] == 16
+    for part, model_type in (("encoder_dir", "vit"), ("decoder_dir", "gpt2")):
+        assert Path(parts[part]).parent == out / "freeze_study" / "parts"
+        assert json.loads((Path(parts[part]) / "config.json").read_text())["model_type"] == model_type
+    assert [r["name"] for r in freeze["rows"]] == [
+        "baseline", "adversarial_only", "adversarial_training", "freeze_encoder", "freeze_decoder",
+        "freeze_decoder_train_cross_attention",
+    ]  # fmt: skip
+    for row in freeze["rows"]:
+        assert row["trials"] == 1 and row["parameter_groups"]["cross_attention"]["new"] is True
+        assert {"clean", "adversarial"} <= set(row["test"]) and row["train_seconds"] > 0
 
     report = (out / "report.html").read_text()
     assert "Show-and-Fool" in report and "Stages" in report and "Dense study" in report

@@ -160,6 +160,50 @@ def test_the_sums_fool_both_members_where_the_mixture_stops_at_the_easy_one(memb
     assert hits["mixture"] < 6, hits
 
 
+# -- early stop on success -----------------------------------------------------------------------------------------
+def test_stop_on_success_keeps_each_images_first_successful_iterate(members: dict, task: tuple) -> None:
+    """Each image stops at the first iterate where every member's teacher-forced top-1 words are the target: the result
+    is what a plain run of exactly that many iterations gives for that image, and every member says the target."""
+    x, targets = task
+    pair = [members["A"], members["B"]]
+    stopped = Optimization(iterations=60, lr=0.05, stop_on_success=True)(
+        caption_ensemble(pair, x, targets, objective="sum_margin"), x
+    )
+    assert stopped.success is not None and stopped.success.tolist() == [True] * 6
+    for member in pair:
+        assert greedy_ids(member, stopped.adversarial, 6) == targets
+    steps = stopped.iterations.tolist()
+    assert all(0 < k < 60 for k in steps), steps  # none needed the whole budget
+    for i, k in enumerate(steps):
+        one = caption_ensemble(pair, x[i : i + 1], targets[i : i + 1], objective="sum_margin")
+        plain = Optimization(iterations=k, lr=0.05)(one, x[i : i + 1])
+        torch.testing.assert_close(stopped.adversarial[i : i + 1], plain.adversarial, atol=1e-5, rtol=0)
+        # One step fewer is not yet a success on both members (the stop is the first success).
+        if k > 1:
+            earlier = Optimization(iterations=k - 1, lr=0.05)(one, x[i : i + 1]).adversarial
+            _, checked = one.loss_and_success(earlier)
+            assert checked is not None and not bool(checked[0])
+    # Running on past the success (no stop) spends more distortion for the same captions.
+    full = Optimization(iterations=60, lr=0.05)(caption_ensemble(pair, x, targets, objective="sum_margin"), x)
+    assert float(stopped.l2.mean()) < float(full.l2.mean())
+
+
+def test_stop_on_success_at_once_and_without_a_check(members: dict, task: tuple) -> None:
+    x, targets = task
+    own = greedy_ids(members["A"], x, 6)  # already every member's caption: success before any step, no distortion
+    done = Optimization(iterations=20, lr=0.05, stop_on_success=True)(
+        caption_ensemble([members["A"], members["B"]], x, own, objective="sum_margin"), x
+    )
+    assert done.iterations.tolist() == [0] * 6 and done.success is not None and done.success.all()
+    torch.testing.assert_close(done.adversarial, x, atol=1e-5, rtol=0)  # the tanh map's round trip, no step
+    # The mixture has no free check (its loss is no member's): every image runs every iteration, as without the stop.
+    mixture = caption_ensemble([members["A"], members["B"]], x, targets, objective="mixture")
+    stopped = Optimization(iterations=5, lr=0.05, stop_on_success=True)(mixture, x)
+    plain = Optimization(iterations=5, lr=0.05)(mixture, x)
+    assert stopped.iterations.tolist() == [5] * 6
+    torch.testing.assert_close(stopped.adversarial, plain.adversarial)
+
+
 # -- bad options ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "message"),

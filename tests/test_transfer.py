@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from datamodules.errors import RobucapError
-from modules.transfer import evaluate_transfer, hits_target, matrix_to_json, rmsd_255, transfer_matrix
+from modules.transfer import (
+    evaluate_transfer,
+    hits_target,
+    matrix_to_json,
+    rmsd_255,
+    target_word_share,
+    transfer_matrix,
+)
 
 SIZE = 4
 # Five-word captions: BLEU-4 needs 4-grams. Every image has its clean caption as its single reference.
@@ -77,6 +84,9 @@ def test_evaluate_transfer_caption_targets() -> None:
     assert cell.n == 4
     assert cell.changed == 0.5
     assert cell.target_hit == 0.5 and cell.target_hit_clean == 0.25
+    # Partial transfer: the targets' content words (red circle squares / zebra / dog / blue square stars) found in
+    # the adversarial captions: all, all, none, none; in the clean ones: all of the first target only.
+    assert cell.target_words == 0.5 and cell.target_words_clean == 0.25
     assert cell.bleu4_clean == pytest.approx(1.0, abs=1e-6)
     # Two of four captions keep all their n-grams, two keep none: every p_n = 1/2, brevity penalty 1.
     assert cell.bleu4_adv == pytest.approx(0.5, abs=1e-6)
@@ -88,7 +98,8 @@ def test_evaluate_transfer_caption_targets() -> None:
     # results.json stores the scores under their documented keys, without the caption lists.
     assert cell.to_json() == {
         "bleu4_clean": cell.bleu4_clean, "bleu4_adv": cell.bleu4_adv, "bleu4_drop": cell.bleu4_drop, "changed": 0.5,
-        "target_hit": 0.5, "target_hit_clean": 0.25, "ori_bleu4": cell.ori_bleu4, "tgt_bleu4": cell.tgt_bleu4,
+        "target_hit": 0.5, "target_hit_clean": 0.25, "target_words": 0.5, "target_words_clean": 0.25,
+        "ori_bleu4": cell.ori_bleu4, "tgt_bleu4": cell.tgt_bleu4,
         "rmsd": cell.rmsd, "n": 4,
     }  # fmt: skip
 
@@ -98,11 +109,22 @@ def test_evaluate_transfer_keywords_none_and_reuse() -> None:
     keywords = [["red", "circle"], ["zebra"], ["dog"], ["one", "ten"]]
     cell = evaluate_transfer(module, _images(False), _images(True), REFERENCES, IDS, keywords)
     assert cell.target_hit == 0.75 and cell.target_hit_clean == 0.25
+    assert cell.target_words == 0.75 and cell.target_words_clean == 0.25  # every keyword list is all or nothing here
     assert cell.tgt_bleu4 is None  # Show-and-Fool's tgt score needs caption targets
     cell = evaluate_transfer(module, _images(False), _images(True), REFERENCES, IDS, clean_captions=CLEAN)
     assert cell.target_hit is None and cell.target_hit_clean is None and cell.tgt_bleu4 is None
+    assert cell.target_words is None and cell.target_words_clean is None
     assert cell.adversarial_captions == ADVERSARIAL and cell.clean_captions == CLEAN
     assert module.calls[-1] == 4  # given clean captions: only the adversarial images were captioned
+
+
+def test_target_word_share() -> None:
+    """Partial transfer: the share of the target's content words (function and position words do not count)."""
+    assert target_word_share("a red square", "a small red circle") == pytest.approx(1 / 3)  # red of small red circle
+    assert target_word_share("a small red circle", "the red circle left of a small circle") == 1.0  # words once each
+    assert target_word_share("a blue star", "a red circle") == 0.0
+    assert target_word_share("a dog's red ball", ["red", "cat"]) == 0.5  # keywords: the keywords themselves
+    assert target_word_share("a red circle", "one on the left") is None  # nothing to transfer
 
 
 def test_hits_target() -> None:

@@ -12,19 +12,24 @@ __all__ = ["stage_backdoor_study", "stage_dense_study", "stage_freeze_study", "s
 
 
 def stage_freeze_study(ctx: DemoContext) -> None:
-    """Rashid & Rivas's (2024) five phases on the demo's data, starting from the demo's baseline."""
+    """Rashid & Rivas's (2024) five phases on the demo's data, in the regime of ``freeze.start``.
+
+    ``pretrained`` (the quick, smoke and full profiles): every phase starts from a ViT and a GPT-2 the study pretrains
+    on the demo's shapes data, joined by new cross-attention. ``baseline``: phases 2-5 fine-tune the demo's baseline.
+    """
     from lightning_app.studies.freeze import run_and_report
 
     cfg = replace(ctx.freeze, seed=ctx.seed, wandb=ctx.wandb)
-    base: TrainedCaptioner = ctx.state["baseline"]
+    start: dict[str, object] = {}
+    if cfg.start == "baseline":  # the pretrained regime trains its own baseline from the parts
+        base: TrainedCaptioner = ctx.state["baseline"]
+        start = {
+            "baseline": base.module,
+            "baseline_checkpoint": base.checkpoint,
+            "baseline_seconds": base.train_seconds,
+        }
     ctx.results["freeze_study"] = run_and_report(
-        ctx.state["datamodule"],
-        ctx.out / "freeze_study",
-        cfg,
-        ctx.report,
-        baseline=base.module,
-        baseline_checkpoint=base.checkpoint,
-        baseline_seconds=base.train_seconds,
+        ctx.state["datamodule"], ctx.out / "freeze_study", cfg, ctx.report, **start
     )
 
 
@@ -39,7 +44,8 @@ def stage_backdoor_study(ctx: DemoContext) -> None:
 
 
 def stage_transfer_study(ctx: DemoContext) -> None:
-    """Transfer matrix and leave-one-out ensembles over three captioners (Show-and-Fool; Liu et al. 2017)."""
+    """Transfer matrices and leave-one-out ensembles (Show-and-Fool; Liu et al. 2017) over ``transfer.models``: three
+    captioners on the quick and smoke profiles, the study's five by default."""
     from lightning_app.studies.transfer import run_and_report
 
     cfg = replace(ctx.transfer, seed=ctx.seed, wandb=ctx.wandb)

@@ -2,25 +2,32 @@
 
 Following Liu et al. 2017 and Show-and-Fool (Chen et al. 2018).
 
-Three captioners train on the same data (or come from ``--checkpoints``): ``vit_gpt2_s0`` and ``vit_gpt2_s1`` (tiny
-ViT-GPT2, seeds 0 and 1: same architecture, different weights) and ``sat_s0`` (tiny Show-Attend-Tell, seed 0: another
-architecture). On the first ``images`` test images:
+Five captioners train on the same data (or come from ``--checkpoints``, at least three), as Liu et al.'s (2017) five
+ImageNet models: ``vit_gpt2_s0`` and ``vit_gpt2_s1`` (tiny ViT-GPT2, seeds 0 and 1: same architecture, different
+weights), ``vit_gpt2_wide_s2`` (a wider ViT-GPT2: another size), ``sat_s0`` and ``sat_s1`` (tiny Show-Attend-Tell,
+seeds 0 and 1: another architecture); ``--study.models`` chooses others. On the first ``images`` test images:
 
 1. **Single-model transfer** (Liu et al. 2017, Tables 1-2; Show-and-Fool, section 4.4). Per source model, a targeted
-   Show-and-Fool caption attack (targets: Show-and-Fool's choice, the source's caption of another image) and a
-   non-targeted optimisation attack (``build_attack("optimization")`` on the objective of the source alone,
-   :func:`~modules.victims.captioner.caption_ensemble`: Adam in tanh space, lambda = 0, fixed iterations, as Liu et
-   al. 2017 section 3.1). Every adversarial set is captioned by
-   every model: ``transfer.matrix.targeted[source][model]`` and ``transfer.matrix.non_targeted[source][model]``.
+   Show-and-Fool caption attack (targets: Show-and-Fool's choice, the source's caption of another image), the
+   targeted optimisation attack of the ensembles on the source alone (same targets and budget: the single-model
+   baseline at matched settings) and a non-targeted optimisation attack (``build_attack("optimization")`` on the
+   objective of the source alone, :func:`~modules.victims.captioner.caption_ensemble`: Adam in tanh space,
+   lambda = 0, fixed iterations, as Liu et al. 2017 section 3.1). Every adversarial set is captioned by every model:
+   ``transfer.matrix.{targeted,targeted_optimization,non_targeted}[source][model]``.
 2. **Leave-one-out ensembles** (Liu et al. 2017, section 5, Tables 3-4). For each model held out, the other models
-   form an ensemble (eq. 6, equal weights) attacked with the optimisation, FG and FGS methods, targeted and not, and
-   the images are evaluated on every model, the held-out one included. The FG / FGS budgets are matched to the RMSD of
-   the optimisation attack of the same row (FGS: ``eps = RMSD / 255``; FG: ``eps = RMSD * sqrt(3 H W) / 255``), as
-   Liu et al. 2017 matches the distortion of its methods. Targeted ensemble targets are chosen (Show-and-Fool's rule)
-   from the clean captions of the **first ensemble member**: the held-out model is a black box, so its captions are
-   not used.
+   form an ensemble (equal weights; targeted: ``ensemble_objective``, by default the members' Show-and-Fool margins
+   summed, so the target must hold on every member; non-targeted: eq. 6's mixture) attacked with the optimisation,
+   FG and FGS methods, targeted and not, and the images are evaluated on every model, the held-out one included
+   (``on_held_out``; ``on_members.target_hit``: the share of images whose caption is the target on every member).
+   The FG / FGS budgets are matched to the RMSD of the optimisation attack of the same row (FGS:
+   ``eps = RMSD / 255``; FG: ``eps = RMSD * sqrt(3 H W) / 255``), as Liu et al. 2017 matches the distortion of its
+   methods. Targeted ensemble targets are chosen (Show-and-Fool's rule) from the clean captions of the **first
+   ensemble member**: the held-out model is a black box, so its captions are not used.
    Each row also carries the single-model transfer to the held-out model from each ensemble member alone
-   (``single_model_transfer``: mean and best over those sources), the honest baseline for the ensemble's gain.
+   (``single_model_transfer``: mean and best over those sources; targeted rows: the optimisation at the ensembles'
+   budget, and Show-and-Fool's in ``single_model_show_and_fool``), the honest baseline for the ensemble's gain.
+   Besides the exact target hit, targeted cells report partial transfer (``target_words``: the share of the target's
+   content words the caption contains, Show-and-Fool's keyword view).
 
 Targets chosen from model captions need two images with different captions; when a (barely trained) model gives every
 image the same caption, the first reference captions of the images are used instead (recorded as ``targets_from``).
@@ -106,7 +113,16 @@ def _load_checkpoints(cfg: TransferStudyConfig, image_size: int) -> tuple[dict[s
                 f"pass --data.image_size {module.hparams.image_size}"
             )
         models[name] = module.eval()
-        info.append({"name": name, "arch": module.architecture, "seed": None, "checkpoint": str(path)})
+        info.append(
+            {
+                "name": name,
+                "arch": module.architecture,
+                "overrides": None,
+                "parameters": sum(p.numel() for p in module.captioner.parameters()),
+                "seed": None,
+                "checkpoint": str(path),
+            }
+        )
     return models, info
 
 
@@ -114,20 +130,26 @@ def _train_models(
     datamodule: CaptionDataModule, out: Path, cfg: TransferStudyConfig
 ) -> tuple[dict[str, CaptioningModule], list[dict]]:
     models, info = {}, []
-    for index, (name, arch, offset) in enumerate(cfg.models, start=1):
-        seed = cfg.seed + offset
+    for index, spec in enumerate(cfg.models, start=1):
+        seed = cfg.seed + spec.seed_offset
         L.seed_everything(seed, workers=True)
+        init_args: dict[str, Any] = {"preset": cfg.preset}
+        if spec.overrides:
+            init_args["overrides"] = spec.overrides
         module = CaptioningModule.with_tokenizer(
-            datamodule.tokenizer, captioner={"class_path": arch, "init_args": {"preset": cfg.preset}},
+            datamodule.tokenizer, captioner={"class_path": spec.arch, "init_args": init_args},
             image_size=datamodule.image_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         )  # fmt: skip
-        print(f"[transfer study] {index}/{len(cfg.models)} {name}: {cfg.epochs} epochs of {arch}/{cfg.preset}")
-        run = train_captioner(datamodule, module, out, name, cfg.epochs, wandb=cfg.wandb, test=False)
-        models[name] = run.module.eval()
+        size = f"{cfg.preset}+{spec.overrides}" if spec.overrides else cfg.preset
+        print(f"[transfer study] {index}/{len(cfg.models)} {spec.name}: {cfg.epochs} epochs of {spec.arch}/{size}")
+        run = train_captioner(datamodule, module, out, spec.name, cfg.epochs, wandb=cfg.wandb, test=False)
+        models[spec.name] = run.module.eval()
         info.append(
             {
-                "name": name,
-                "arch": arch,
+                "name": spec.name,
+                "arch": spec.arch,
+                "overrides": spec.overrides,
+                "parameters": sum(p.numel() for p in run.module.captioner.parameters()),
                 "seed": seed,
                 "checkpoint": str(run.checkpoint),
                 "train_seconds": round(run.train_seconds, 1),
@@ -190,8 +212,11 @@ def run_transfer_study(data: dict[str, Any], out: Path, cfg: TransferStudyConfig
             "models": info,
             "images": cfg.images,
             "image_ids": images.image_ids,
-            "matrix": {kind: matrix_to_json(single.matrix[kind]) for kind in KINDS},
-            "rmsd": {kind: {s: single.matrix[kind][s][names[0]].rmsd for s in names} for kind in KINDS},
+            # targeted_optimization is empty (and left out) when the models do not share one vocabulary.
+            "matrix": {kind: matrix_to_json(single.matrix[kind]) for kind in KINDS if single.matrix[kind]},
+            "rmsd": {
+                kind: {s: single.matrix[kind][s][names[0]].rmsd for s in names} for kind in KINDS if single.matrix[kind]
+            },
             "white_box_show_and_fool": single.white_box,
             "targets": single.targets,
             "targets_from": single.targets_from,
